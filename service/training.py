@@ -1,0 +1,198 @@
+"""CLT training pipeline: corpus → token windows → streamed training → held-out metrics → saved folder.
+
+The default SmolLM2 transcoder (used by the demo, CI and the sidecar) is described by
+:data:`DEFAULT_SMOLLM2`; it is trained on first use into ``$RESIDUE_HOME/clts/`` and reused after.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from residue_monitor.detectors.clt.activations import batched, decoder_layers, token_windows
+from residue_monitor.detectors.clt.io import load_clt, read_metrics, save_clt
+from residue_monitor.detectors.clt.metrics import LinearBaseline, evaluate_clt
+from residue_monitor.detectors.clt.model import CrossLayerTranscoder
+from residue_monitor.detectors.clt.train import ProgressFn, TrainConfig, train_clt
+from residue_monitor.service.corpus import (
+    BROWN_LICENSE,
+    BROWN_PACKAGE,
+    BROWN_VERSION,
+    brown_documents,
+    split_documents,
+)
+from residue_monitor.service.models import PreparedModel, load_hf, residue_home, resolve_model
+
+logger = logging.getLogger(__name__)
+
+# Chosen by measurement (README "Default CLT"): a per-layer skip transcoder set, F = 1536, k = 32,
+# 200 k Brown tokens: trains in ~15 min on 2 cores.
+DEFAULT_SMOLLM2 = TrainConfig(kind="transcoder_set", n_features=1536, k=32, train_tokens=200_000)
+HELDOUT_WINDOWS = 160  # 160 × 127 scored tokens ≈ 20 k held-out tokens
+SPLICE_WINDOWS = 48
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a measurement ran (recorded in every metrics/benchmark JSON)."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+    }
+
+
+def clt_dir(model: PreparedModel, tc: TrainConfig) -> Path:
+    tag = "set" if tc.kind == "transcoder_set" else "clt"
+    return (
+        residue_home() / "clts" / f"{model.name}-{tag}-F{tc.n_features}-k{tc.k}-t{tc.train_tokens // 1000}k"
+    )
+
+
+def _text_windows(tok: Any, texts: list[str], window: int) -> Iterator[list[int]]:
+    def enc(t: str) -> list[int]:
+        ids: list[int] = tok(t, add_special_tokens=False)["input_ids"]
+        return ids
+
+    return token_windows(texts, enc, window)
+
+
+def heldout_ids(tok: Any, texts: list[str], window: int, n_windows: int) -> torch.Tensor:
+    wins = list(itertools.islice(_text_windows(tok, texts, window), n_windows))
+    if not wins:
+        raise ValueError("held-out text produced no windows")
+    return torch.tensor(wins, dtype=torch.long)
+
+
+def train_and_evaluate(
+    model_ref: str,
+    tc: TrainConfig,
+    out: Path | None = None,
+    texts: tuple[list[str], list[str]] | None = None,
+    progress: ProgressFn | None = None,
+    heldout_windows: int = HELDOUT_WINDOWS,
+    splice_windows: int = SPLICE_WINDOWS,
+) -> tuple[Path, dict[str, Any]]:
+    """Train a transcoder on ``model_ref`` (``smollm2`` | ``tiny`` | folder) and save it with its metrics.
+
+    ``texts``: (train, held-out) texts; default: the Brown corpus, every 20th document held out.
+    """
+    prepared = resolve_model(model_ref)
+    model, tok = load_hf(prepared.path)
+    source: dict[str, Any]
+    if texts is None:
+        train_docs, held_docs = split_documents(brown_documents())
+        texts = ([d.text for d in train_docs], [d.text for d in held_docs])
+        source = {
+            "corpus": f"npm:{BROWN_PACKAGE}@{BROWN_VERSION}",
+            "license": BROWN_LICENSE,
+            "heldout": "every 20th document",
+        }
+    else:
+        source = {"corpus": "caller-supplied"}
+    train_texts, held_texts = texts
+    held = heldout_ids(tok, held_texts, tc.window, heldout_windows)
+    probe_ids = held[:16]
+    from residue_monitor.detectors.clt.activations import capture_mlp
+
+    probe = capture_mlp(model, probe_ids)
+    windows = batched(_text_windows(tok, train_texts, tc.window), tc.chunk_windows)
+    L = len(decoder_layers(model))
+    linear = LinearBaseline(L, int(model.config.hidden_size))
+    res = train_clt(
+        model, windows, tc, model_name=prepared.name, probe=probe, progress=progress, linear=linear
+    )
+    t0 = time.perf_counter()
+    metrics = evaluate_clt(model, res.clt, held, linear, splice_windows=splice_windows)
+    metrics.update(
+        {
+            "train_tokens": res.train_tokens,
+            "train_seconds": res.train_seconds,
+            "capture_seconds": res.capture_seconds,
+            "eval_seconds": time.perf_counter() - t0,
+            "curve": res.curve,
+            "train_left_out_fraction": res.left_out_fraction,
+            "train_config": res.config,
+            "model": prepared.name,
+            "model_sha256": prepared.sha256,
+            "data": source,
+            "machine": machine_info(),
+            "clt_id": res.clt.clt_id(),
+        }
+    )
+    dest = out or clt_dir(prepared, tc)
+    save_clt(res.clt, dest, metrics)
+    logger.info("saved transcoder %s to %s", metrics["clt_id"], dest)
+    return dest, metrics
+
+
+def ensure_default_clt(
+    model_ref: str = "smollm2", progress: ProgressFn | None = None, tc: TrainConfig | None = None
+) -> tuple[CrossLayerTranscoder, Path]:
+    """Load the default transcoder for ``model_ref``, training it first if the cache has none."""
+    prepared = resolve_model(model_ref)
+    tc = tc or (DEFAULT_SMOLLM2 if "smollm2" in prepared.name.lower() else tiny_train_config())
+    dest = clt_dir(prepared, tc)
+    if not (dest / "config.yaml").is_file():
+        train_and_evaluate(model_ref, tc, out=dest, progress=progress)
+    return load_clt(dest), dest
+
+
+def tiny_train_config() -> TrainConfig:
+    """A budget that trains a transcoder for the tiny test model in seconds."""
+    return replace(
+        DEFAULT_SMOLLM2,
+        n_features=128,
+        k=8,
+        train_tokens=6_000,
+        batch_tokens=256,
+        chunk_windows=16,
+        window=64,
+        curve_every_tokens=2_000,
+        dead_after_tokens=2_000,
+        aux_k=32,
+    )
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers (benchmarks/results/clt_quality.json keys)."""
+    return {
+        "fvu_mean": metrics.get("fvu_mean"),
+        "linear_baseline_fvu_mean": metrics.get("linear_baseline_fvu_mean"),
+        "top1_agreement": metrics.get("top1_agreement"),
+        "kl_mean": metrics.get("kl_mean"),
+        "l0_mean": metrics.get("l0_mean"),
+        "dead_fraction": metrics.get("dead_fraction_mean"),
+        "train_seconds": metrics.get("train_seconds"),
+    }
+
+
+def load_metrics(path: Path) -> dict[str, Any]:
+    return read_metrics(path) or {}
+
+
+ProgressFactory = Callable[[str], ProgressFn]
