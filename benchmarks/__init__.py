@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a one-line summary and writes JSON under benchmarks/results/."""
