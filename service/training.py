@@ -36,8 +36,8 @@ from residue_monitor.service.models import PreparedModel, load_hf, residue_home,
 logger = logging.getLogger(__name__)
 
 # Chosen by measurement (README "Default CLT"): a per-layer skip transcoder set, F = 1536, k = 32,
-# 200 k Brown tokens: trains in ~15 min on 2 cores.
-DEFAULT_SMOLLM2 = TrainConfig(kind="transcoder_set", n_features=1536, k=32, train_tokens=200_000)
+# 150 k Brown tokens: trains in ≤ 20 min on 2 cores (README "Default CLT").
+DEFAULT_SMOLLM2 = TrainConfig(kind="transcoder_set", n_features=1536, k=32, train_tokens=150_000)
 HELDOUT_WINDOWS = 160  # 160 × 127 scored tokens ≈ 20 k held-out tokens
 SPLICE_WINDOWS = 48
 

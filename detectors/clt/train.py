@@ -12,6 +12,7 @@ features of each token get gradient), written as a custom autograd function; the
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,13 @@ class TrainConfig:
     """Seed for initialisation and shuffling."""
     curve_every_tokens: int = 50_000
     """Evaluate FVU on the probe set every this many tokens (the training curve)."""
+    init_chunks: int = 4
+    """Chunks captured before training starts: their statistics set the norm caps and centring, and a
+    least-squares fit on them initialises ``W_skip`` / ``b_dec``, so training starts at the linear-map
+    baseline and features learn what it misses (without it the skip was far from converged after 200 k
+    tokens: layers 0 and 29 stayed 3–7x worse than the linear map)."""
+    skip_lr: float = 2e-4
+    """Adam learning rate of ``W_skip`` (small: it starts at the least-squares optimum)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("transcoder_set", "cross_layer_transcoder"):
@@ -112,6 +120,7 @@ class _LayerStats:
     y_mean: torch.Tensor  # (L, D)
     y_var: torch.Tensor  # (L,)  E‖y − ȳ‖² over valid tokens
     cap: torch.Tensor  # (L,)  massive-activation norm cap
+    lin: torch.Tensor | None = None  # (L, D+1, D) least-squares map [W; b] fit on the first chunks
 
 
 def valid_mask(ys: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
@@ -123,6 +132,7 @@ def valid_mask(ys: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
 
 
 def _first_stats(xs: torch.Tensor, ys: torch.Tensor, factor: float) -> _LayerStats:
+    """Per-layer statistics of the first chunks: xs, ys (L, B, T, D)."""
     norms = ys.float().norm(dim=-1)[:, :, 1:].reshape(ys.shape[0], -1)  # (L, N)
     cap = norms.median(dim=1).values * factor
     ok = valid_mask(ys, cap)
@@ -160,6 +170,11 @@ class _Trainable(nn.Module):
         self.W_skip = (
             nn.ParameterList([nn.Parameter(torch.zeros(D, D)) for _ in range(L)]) if tc.skip else None
         )
+        if self.W_skip is not None and stats.lin is not None:
+            with torch.no_grad():
+                for i in range(L):
+                    self.W_skip[i].copy_(stats.lin[i, :D].T)
+                    self.b_dec[i].copy_(stats.lin[i, D])
         self.last_fired = torch.zeros(L, Fn)  # tokens since each feature last fired
         self.cross = cross
 
@@ -298,33 +313,50 @@ def train_clt(
     gen = torch.Generator().manual_seed(tc.seed)
     t0 = time.perf_counter()
     capture_s = 0.0
-    trainer: _Trainable | None = None
-    opt: torch.optim.Optimizer | None = None
     done = 0
     next_curve = tc.curve_every_tokens
     curve: list[dict[str, float]] = []
-    left_out = None
-    seen = None
-    probe_ok = None
     total_steps = max(1, math.ceil(tc.train_tokens / tc.batch_tokens))
     step = 0
 
-    for ids in windows:
-        tc0 = time.perf_counter()
-        xs, ys = capture_mlp(model, ids)
-        xs, ys = xs.float(), ys.float()
-        capture_s += time.perf_counter() - tc0
-        if trainer is None:
-            stats = _first_stats(xs, ys, tc.norm_cap_factor)
-            trainer = _Trainable(xs.shape[0], xs.shape[-1], tc, stats, gen)
-            opt = torch.optim.Adam(trainer.parameters(), lr=tc.lr, betas=(0.9, 0.999), fused=True)
-            left_out = torch.zeros(xs.shape[0])
-            seen = torch.zeros(())
-            if probe is not None:
-                probe_ok = valid_mask(probe[1], stats.cap).flatten(1)
-        assert opt is not None and left_out is not None and seen is not None
+    def captured() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        nonlocal capture_s
+        for ids in windows:
+            tc0 = time.perf_counter()
+            xs, ys = capture_mlp(model, ids)
+            capture_s += time.perf_counter() - tc0
+            yield xs.float(), ys.float()
+
+    source = captured()
+    first = list(itertools.islice(source, max(1, tc.init_chunks)))
+    if not first:
+        raise ValueError("no training windows: the text source yielded nothing")
+    stats = _first_stats(
+        torch.cat([x for x, _ in first], 1), torch.cat([y for _, y in first], 1), tc.norm_cap_factor
+    )
+    L, D = first[0][0].shape[0], first[0][0].shape[-1]
+    init_fit = LinearBaseline(L, D)
+    for xs, ys in first:
+        ok = valid_mask(ys, stats.cap).reshape(L, -1)
+        for l in range(L):
+            init_fit.add(l, xs[l].reshape(-1, D)[ok[l]], ys[l].reshape(-1, D)[ok[l]])
+    init_fit.fit()
+    stats.lin = init_fit.W.float() if init_fit.W is not None else None
+    trainer = _Trainable(L, D, tc, stats, gen)
+    skip_params = list(trainer.W_skip) if trainer.W_skip is not None else []
+    skip_ids = {id(p) for p in skip_params}
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in trainer.parameters() if id(p) not in skip_ids], "lr": tc.lr, "base_lr": tc.lr}
+    ]
+    if skip_params:
+        groups.append({"params": skip_params, "lr": tc.skip_lr, "base_lr": tc.skip_lr})
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.999), fused=True)
+    left_out = torch.zeros(L)
+    seen = torch.zeros(())
+    probe_ok = valid_mask(probe[1], stats.cap).flatten(1) if probe is not None else None
+
+    for xs, ys in itertools.chain(first, source):
         ok = valid_mask(ys, trainer.stats.cap)  # (L, B, T)
-        L, D = xs.shape[0], xs.shape[-1]
         left_out += (~ok[:, :, 1:]).flatten(1).sum(1).float()
         seen += ok[:, :, 1:].numel() / L
         flat_x, flat_y, flat_ok = xs.reshape(L, -1, D), ys.reshape(L, -1, D), ok.reshape(L, -1)
@@ -347,9 +379,9 @@ def train_clt(
             if done >= tc.train_tokens:
                 break
             frac = step / total_steps
-            lr = tc.lr * (1.0 if frac < 0.8 else max(0.1, 1 - (frac - 0.8) / 0.2 * 0.9))
+            decay = 1.0 if frac < 0.8 else max(0.1, 1 - (frac - 0.8) / 0.2 * 0.9)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = g["base_lr"] * decay
             if per_layer is None:
                 loss, fvus = trainer.loss_cross(flat_x[:, sel], flat_y[:, sel])
                 n = sel.numel()
@@ -375,9 +407,6 @@ def train_clt(
         if done >= tc.train_tokens:
             break
 
-    if trainer is None:
-        raise ValueError("no training windows: the text source yielded nothing")
-    assert left_out is not None and seen is not None
     clt = trainer.export(model_name, "mlp.hook_in", "mlp.hook_out")
     elapsed = time.perf_counter() - t0
     if probe is not None and (not curve or curve[-1]["tokens"] < done):
