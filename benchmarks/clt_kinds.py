@@ -11,7 +11,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from residue_monitor.service.training import DEFAULT_SMOLLM2, machine_info, summary, train_and_evaluate, write_json
+from residue_monitor.service.training import (
+    DEFAULT_SMOLLM2,
+    machine_info,
+    summary,
+    train_and_evaluate,
+    write_json,
+)
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,0 +1,319 @@
+"""Run the dashboard's queries against a real Prometheus scraping a residue /metrics endpoint.
+
+Shared by tests/integration/test_deploy.py (every panel must return data) and render_preview.py (the PNG).
+Three pieces, each replaceable on its own:
+
+- :func:`synthetic_sidecar`: a ``/metrics`` endpoint (``service/exporter.py`` on port 0) fed by a thread of
+  realistic observations through :class:`StatsAccumulator`. A real sidecar fed with real frames can take its
+  place: all the rest needs is a ``host:port`` that serves ``/metrics``.
+- :class:`PrometheusServer`: the ``prometheus`` binary on a free loopback port, a temp config and data dir,
+  exemplar storage on, scraping the given targets every second.
+- :func:`panel_targets` / :func:`substitute`: the queries of the generated dashboard JSON with Grafana's
+  template variables replaced by what "All" and a short ``$__rate_interval`` would give.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from residue_monitor.service.exporter import (
+    LAYER_BANDS,
+    StatsAccumulator,
+    register_collectors,
+    start_metrics_server,
+)
+
+JOB = "residue-sidecar"  # the job name deploy/prometheus/rules and the dashboard's $job expect
+SCRAPE_INTERVAL_S = 1.0
+# Fingerprint names as the shells catalogue (v1..v5) would register them.
+FINGERPRINTS = (
+    "v1-memtrace",
+    "v2-value-collapse",
+    "v3-layer-salience",
+    "v4-temporal-inference",
+    "v5-instruction-disruption",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the /metrics source ---------------------------------------------------------------------------
+
+
+class SyntheticTraffic:
+    """Observations shaped like a served model's, from a seeded RNG (deterministic per seed).
+
+    Per request: frames for the last prompt token, a few sampled decode steps and the final token; per
+    frame, error ratios by layer band (later layers reconstruct worse) and per-head attention entropies;
+    one score per fingerprint, ``failure_rate`` of the requests failing and scoring high on one
+    fingerprint (with more error and lower entropy); a prefill risk; now and then dropped frames, a store
+    error and a backlog.
+    """
+
+    def __init__(self, seed: int = 0, failure_rate: float = 0.1) -> None:
+        self.rng = random.Random(seed)
+        self.failure_rate = failure_rate  # a caller may change it while traffic flows (an "incident")
+        self.n = 0
+
+    def request(self, acc: StatsAccumulator) -> None:
+        rng = self.rng
+        self.n += 1
+        rid = f"cmpl-{rng.getrandbits(64):016x}-0"
+        acc.inc_requests()
+        failing = rng.random() < self.failure_rate
+        culprit = rng.choice(FINGERPRINTS)
+        n_decode = rng.randint(2, 8)
+        for phase, n in (("prompt_last", 1), ("decode", n_decode), ("final", 1)):
+            acc.inc_frames(phase, n)
+        for _ in range(n_decode + 2):
+            for band, mu in zip(LAYER_BANDS, (0.35, 0.55, 0.7), strict=True):
+                acc.observe_error_ratio(band, max(0.0, rng.gauss(mu + (0.1 if failing else 0.0), 0.08)))
+            for _ in range(3):
+                acc.observe_attention_entropy(rng.gammavariate(4.0, 0.6 if not failing else 0.35))
+            acc.observe_capture_overhead(rng.lognormvariate(math.log(3e-4), 0.5))
+            acc.observe_ingest_latency(rng.lognormvariate(math.log(2e-4), 0.6))
+        for fp in FINGERPRINTS:
+            score = rng.betavariate(6, 2) if failing and fp == culprit else rng.betavariate(2, 6)
+            acc.observe_fingerprint_score(fp, score, rid, flagged=score > 0.7)
+        risk = rng.betavariate(5, 3) if failing else rng.betavariate(2, 8)
+        acc.observe_prefill_risk(risk, rid, flagged=risk > 0.6)
+        if rng.random() < 0.05:
+            acc.inc_frames_dropped(rng.choice(("queue_full", "queue_full", "send_error")), rng.randint(1, 3))
+        if rng.random() < 0.03:
+            acc.inc_store_errors()
+            acc.set_store_backlog(rng.randint(1, 40))
+        elif rng.random() < 0.2:
+            acc.set_store_backlog(0)
+
+
+@contextmanager
+def synthetic_sidecar(
+    traffic: SyntheticTraffic | None = None,
+    requests_per_s: float = 20.0,
+    fingerprints: Sequence[str] = FINGERPRINTS,
+) -> Iterator[str]:
+    """A live ``/metrics`` endpoint on 127.0.0.1 with traffic flowing; yields its ``host:port``."""
+    acc = StatsAccumulator(fingerprints)
+    registry = CollectorRegistry()
+    register_collectors(registry, acc.snapshot)
+    server = start_metrics_server(registry, "127.0.0.1", 0)
+    source = traffic or SyntheticTraffic()
+    stop = threading.Event()
+    tick_s = 0.1
+
+    def run() -> None:
+        owed = 0.0
+        while not stop.wait(tick_s):
+            owed += requests_per_s * tick_s
+            while owed >= 1:
+                source.request(acc)
+                owed -= 1
+
+    source.request(acc)  # the first scrape already sees every family with data
+    thread = threading.Thread(target=run, name="synthetic-residue-traffic", daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        stop.set()
+        thread.join(5)
+        server.stop()
+
+
+# --- Prometheus ----------------------------------------------------------------------------------------
+
+
+class PrometheusError(RuntimeError):
+    """Prometheus did not start, or its HTTP API answered with an error."""
+
+
+class PrometheusServer:
+    """One private ``prometheus`` process scraping ``targets`` as job ``residue-sidecar``."""
+
+    def __init__(self, binary: str, workdir: Path, targets: Sequence[str]) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.targets = list(targets)
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Write the config, start Prometheus, and wait until ``/-/ready`` answers."""
+        assert self.proc is None, "already running"
+        config = {
+            "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S:g}s", "scrape_timeout": "900ms"},
+            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": self.targets}]}],
+        }
+        config_path = self.workdir / "prometheus.yml"
+        config_path.write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
+        data = self.workdir / "data"
+        data.mkdir(exist_ok=True)
+        self.port = free_port()
+        log = (self.workdir / "prometheus.log").open("wb")
+        self.proc = subprocess.Popen(
+            [self.binary, f"--config.file={config_path}", f"--storage.tsdb.path={data}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--enable-feature=exemplar-storage",
+             "--storage.tsdb.retention.time=1h", "--log.level=warn"],
+            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with suppress(OSError), urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise PrometheusError(f"prometheus did not become ready:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; reaps the process."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log_tail(self, n: int = 20) -> str:
+        path = self.workdir / "prometheus.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+    def api(self, endpoint: str, **params: str | float) -> Any:
+        """GET ``/api/v1/<endpoint>`` and return its ``data``; an error raises with Prometheus' text."""
+        query = urllib.parse.urlencode({k: str(v) for k, v in params.items()})
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{endpoint}?{query}", timeout=10) as r:
+                body = json.load(r)
+        except urllib.error.HTTPError as e:
+            body = json.load(e)
+        if body.get("status") != "success":
+            raise PrometheusError(f"{endpoint} {params}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query at now; the result vector (or ``[]``)."""
+        data = self.api("query", query=expr)
+        return data["result"] if data["resultType"] == "vector" else [{"value": data["result"]}]
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def query_exemplars(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+        return self.api("query_exemplars", query=expr, start=start, end=end)
+
+    def wait_for_scrapes(self, n: int = 2, timeout_s: float = 30.0) -> None:
+        """Block until every target has been scraped successfully at least ``n`` times."""
+        deadline = time.monotonic() + timeout_s
+        expr = f'min(count_over_time(up{{job="{JOB}"}}[1h]) and on (instance) up{{job="{JOB}"}} == 1)'
+        while True:
+            result = self.query(expr)
+            if result and float(result[0]["value"][1]) >= n:
+                return
+            if time.monotonic() > deadline:
+                raise PrometheusError(
+                    f"fewer than {n} successful scrapes in {timeout_s} s:\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+
+
+@contextmanager
+def running_prometheus(binary: str, workdir: Path, targets: Sequence[str]) -> Iterator[PrometheusServer]:
+    server = PrometheusServer(binary, workdir, targets)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def prometheus_binary() -> str | None:
+    """The ``prometheus`` server binary (Debian's package installs it as /usr/bin/prometheus)."""
+    return shutil.which("prometheus")
+
+
+# --- the dashboard's queries ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PanelTarget:
+    """One query of one panel of the dashboard JSON."""
+
+    panel_id: int
+    panel_title: str
+    panel_type: str
+    ref_id: str
+    expr: str
+    legend: str
+    exemplar: bool
+    heatmap: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.panel_id}-{self.panel_title.replace(' ', '_')}-{self.ref_id}"
+
+
+def panel_targets(dashboard: Mapping[str, Any]) -> list[PanelTarget]:
+    """Every query of every panel (rows included, collapsed or not), in dashboard order."""
+    out: list[PanelTarget] = []
+
+    def visit(panels: Sequence[Mapping[str, Any]]) -> None:
+        for p in panels:
+            visit(p.get("panels") or [])
+            for t in p.get("targets") or []:
+                out.append(
+                    PanelTarget(
+                        int(p["id"]), str(p["title"]), str(p["type"]), str(t["refId"]), str(t["expr"]),
+                        str(t.get("legendFormat", "")), bool(t.get("exemplar")), t.get("format") == "heatmap",
+                    )
+                )  # fmt: skip
+
+    visit(dashboard["panels"])
+    return out
+
+
+def substitute(expr: str, variables: Mapping[str, str]) -> str:
+    """Replace Grafana's ``$name`` / ``${name}`` by ``variables[name]``; any variable left over raises."""
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in variables:
+            raise KeyError(f"query uses ${name}, which has no value: {expr}")
+        return variables[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, expr)
+
+
+def query_variables(rate_interval: str = "10s") -> dict[str, str]:
+    """What Grafana sends with every multi-select variable on "All" (its allValue, ``.+``)."""
+    return {"job": ".+", "instance": ".+", "fingerprint": ".+", "__rate_interval": rate_interval}
