@@ -35,7 +35,8 @@ DEMO_PROMPTS = [
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
+    # soft_wrap: a path in the message must stay on one line (copy-pastable, greppable)
+    console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -227,6 +228,42 @@ def demo(
         )
         logging.getLogger(__name__).info("analysed in %.2fs", time.perf_counter() - t0)
     console.print(table)
+
+
+@app.command("serve")
+def serve(
+    port: Annotated[int | None, typer.Option(help="gRPC port (default $RESIDUE_PORT or 50051)")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port; -1 turns it off (default 9464)")
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="listen address (default $RESIDUE_HOST or 0.0.0.0)")
+    ] = None,
+    clt: Annotated[
+        Path | None, typer.Option(help="transcoder folder to check frames against (default $RESIDUE_CLT)")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="redis:// URL of the store (default $REDIS_URL; none = in memory)")
+    ] = None,
+) -> None:
+    """Run the residue sidecar (gRPC + /metrics) until SIGINT or SIGTERM, then drain gracefully."""
+    import asyncio
+
+    from residue_monitor.service.server import ServerConfig
+    from residue_monitor.service.server import serve as serve_sidecar
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = ServerConfig.from_env(
+            port=port,
+            metrics_port=metrics_port,
+            host=host,
+            clt_path=str(clt) if clt is not None else None,
+            redis_url=redis_url,
+        )
+        asyncio.run(serve_sidecar(cfg))
+    except ResidueError as e:
+        _fail(e)
 
 
 def main() -> None:  # pragma: no cover - console entry

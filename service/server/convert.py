@@ -1,0 +1,122 @@
+"""Domain values ↔ wire messages, in one place (STYLE.md rule 11), for the servicers and the pipeline.
+
+Ingest messages become events in ``validate.py`` (conversion and validation are one pass there); this
+module covers everything else: outcome → ``ResidueRecord`` and ``FlagEvent``s, scorers → ``Fingerprint``s,
+query and watch requests → store / hub filters, stream counters → ``IngestSummary``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from residue_monitor.service._proto import residue_pb2 as pb
+from residue_monitor.service.server.flags import WatchFilter
+from residue_monitor.service.server.record import Outcome
+from residue_monitor.service.server.scoring import Scorer
+from residue_monitor.service.store.base import RecordFilter, check_tenant
+
+NO_FORECAST = "no prefill forecast model is loaded (the residue-engine issue brings one)"
+
+
+def _set_time(ts: object, unix_s: float) -> None:
+    ts.FromNanoseconds(round(unix_s * 1e9))  # type: ignore[attr-defined]  # a Timestamp message
+
+
+def _time(ts: object) -> float | None:
+    seconds, nanos = ts.seconds, ts.nanos  # type: ignore[attr-defined]  # a Timestamp message
+    return seconds + nanos / 1e9 if seconds or nanos else None
+
+
+def record_proto(o: Outcome) -> pb.ResidueRecord:
+    """The stored record of an outcome (no text, DESIGN.md §8; token ids only when opted in)."""
+    s, e = o.request.start, o.request.end
+    r = pb.ResidueRecord(
+        request_id=s.request_id,
+        model=s.model,
+        clt_id=s.clt_id,
+        tenant=s.tenant,
+        prompt_tokens=s.prompt_tokens,
+        num_cached_tokens=s.num_cached_tokens,
+        complete=e is not None,
+        prompt_token_ids=list(s.prompt_token_ids) if s.token_ids_opted_in else [],
+    )
+    if s.start_time is not None:
+        _set_time(r.start_time, s.start_time)
+    if e is not None:
+        r.finish_reason = e.finish_reason  # type: ignore[assignment]  # validated FinishReason value
+        r.output_tokens = e.output_tokens
+        r.empty_output = e.empty_output
+        r.prompt_tokens = e.prompt_tokens or s.prompt_tokens
+        if e.end_time is not None:
+            _set_time(r.end_time, e.end_time)
+    r.signature.frame_count = o.overall.frame_count
+    for layer in o.overall.layers:
+        r.signature.layers.add(
+            layer=layer.layer,
+            mean_error_ratio=layer.mean_error_ratio,
+            mean_l0=layer.mean_l0,
+            mean_mass=layer.mean_mass,
+        )
+    for res in o.results:
+        r.detector_scores[res.name] = res.score
+    for m in o.matches:
+        r.fingerprint_matches.add(fingerprint=m.name, score=m.score, threshold=m.threshold, matched=m.matched)
+    r.flags.extend(m.name for m in o.flags)
+    r.prefill_forecast.unavailable_reason = NO_FORECAST
+    return r
+
+
+def flag_protos(o: Outcome, now: float) -> list[pb.FlagEvent]:
+    """One FlagEvent per matched fingerprint, stamped ``now`` (Unix seconds)."""
+    s = o.request.start
+    events = []
+    for m in o.flags:
+        ev = pb.FlagEvent(
+            request_id=s.request_id,
+            model=s.model,
+            tenant=s.tenant,
+            flag=m.name,
+            fingerprint=m.name,
+            score=m.score,
+            threshold=m.threshold,
+            clt_id=s.clt_id,
+        )
+        _set_time(ev.time, now)
+        events.append(ev)
+    return events
+
+
+def fingerprint_protos(scorers: Iterable[Scorer], model: str = "") -> pb.ListFingerprintsResponse:
+    """The thresholded scorers (fingerprints), by name; ``model`` keeps those that apply to it."""
+    out = pb.ListFingerprintsResponse()
+    for info in sorted((s.info for s in scorers), key=lambda i: i.name):
+        if info.threshold is None or (model and info.model and info.model != model):
+            continue
+        out.fingerprints.add(
+            name=info.name,
+            version=info.version,
+            model=info.model,
+            clt_id=info.clt_id,
+            threshold=info.threshold,
+            target_fpr=info.target_fpr,
+            description=info.description,
+        )
+    return out
+
+
+def record_filter(q: pb.QueryResiduesRequest) -> RecordFilter:
+    """The store filter of a QueryResidues request (invalid combinations raise ``InvalidInput``)."""
+    return RecordFilter(
+        tenant=q.tenant,
+        start=_time(q.start_time),
+        end=_time(q.end_time),
+        model=q.model,
+        fingerprint=q.fingerprint,
+        min_score=q.min_score if q.HasField("min_score") else None,
+        flagged_only=q.flagged_only,
+    )
+
+
+def watch_filter(w: pb.WatchFlagsRequest) -> WatchFilter:
+    """The hub filter of a WatchFlags request."""
+    return WatchFilter(check_tenant(w.tenant), w.model, w.fingerprint, w.after_event_id)

@@ -1,0 +1,94 @@
+"""``residue.v1.ResidueService``: thin handlers, validate → domain call → convert (STYLE.md rule 11).
+
+Errors are raised, never turned into statuses here: ``errors.ErrorInterceptor`` maps them.
+
+Ingest semantics (DESIGN.md §5): one long-lived client stream per plugin worker, carrying many requests.
+The first invalid message ends the stream with INVALID_ARGUMENT (its detail says which message and what
+to fix) and a RESOURCE_EXHAUSTED ends it when a bound is hit; everything accepted before stays assembled,
+because requests live in the sidecar, not in the stream, so a plugin that reconnects continues where it
+was. The ``IngestSummary`` of a failed stream rides in the trailing metadata ``residue-ingest-summary-bin``.
+While the sidecar drains, a stream returns its summary after the message in hand, so the plugin can
+reconnect to another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from residue_monitor.detectors.exceptions import ResidueError
+from residue_monitor.service._proto import residue_pb2 as pb
+from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
+from residue_monitor.service.server.convert import fingerprint_protos, record_filter, watch_filter
+from residue_monitor.service.server.flags import FlagHub, watch
+from residue_monitor.service.server.pipeline import IngestPipeline, StreamCounts
+from residue_monitor.service.server.scoring import Registry, Scorer
+from residue_monitor.service.store import Store
+
+SUMMARY_METADATA_KEY = "residue-ingest-summary-bin"
+TRACE_UNIMPLEMENTED = (
+    "Trace is not implemented in this sidecar yet: attribution graphs arrive with their own issue "
+    "(detectors/attribution); use the offline `residue` CLI until then"
+)
+Context = aio.ServicerContext[Any, Any]
+
+
+class ResidueServicer(pb_grpc.ResidueServiceServicer):
+    """The sidecar's API over the pipeline, the store, the scorers and the flag hub."""
+
+    def __init__(
+        self,
+        pipeline: IngestPipeline,
+        store: Store,
+        scorers: Registry[Scorer],
+        hub: FlagHub,
+        draining: asyncio.Event,
+    ) -> None:
+        self._pipeline = pipeline
+        self._store = store
+        self._scorers = scorers
+        self._hub = hub
+        self._draining = draining
+
+    async def Ingest(
+        self, request_iterator: AsyncIterator[pb.IngestMessage], context: Context
+    ) -> pb.IngestSummary:
+        counts = StreamCounts()
+        try:
+            async for msg in request_iterator:
+                await self._pipeline.handle(msg, counts)
+                if self._draining.is_set():
+                    break
+        except ResidueError:
+            context.set_trailing_metadata(((SUMMARY_METADATA_KEY, counts.summary().SerializeToString()),))
+            raise
+        return counts.summary()
+
+    async def GetResidue(self, request: pb.GetResidueRequest, context: Context) -> pb.ResidueRecord:
+        return await self._store.get_record(request.request_id, request.tenant)
+
+    async def QueryResidues(
+        self, request: pb.QueryResiduesRequest, context: Context
+    ) -> pb.QueryResiduesResponse:
+        records, token = await self._store.query(
+            record_filter(request), request.page_size, request.page_token
+        )
+        return pb.QueryResiduesResponse(records=records, next_page_token=token)
+
+    async def WatchFlags(
+        self, request: pb.WatchFlagsRequest, context: Context
+    ) -> AsyncIterator[pb.FlagEvent]:
+        async for ev in watch(self._hub, self._store, watch_filter(request)):
+            yield ev
+
+    async def ListFingerprints(
+        self, request: pb.ListFingerprintsRequest, context: Context
+    ) -> pb.ListFingerprintsResponse:
+        return fingerprint_protos(self._scorers, request.model)
+
+    async def Trace(self, request: pb.TraceRequest, context: Context) -> pb.TraceResult:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, TRACE_UNIMPLEMENTED)

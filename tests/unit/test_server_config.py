@@ -1,0 +1,55 @@
+"""``ServerConfig``: defaults, environment parsing, overrides, and errors that name the variable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from residue_monitor.detectors.exceptions import InvalidInput
+from residue_monitor.service.server.config import ENV, ServerConfig
+
+
+def test_every_field_has_a_default_and_a_variable() -> None:
+    """STYLE.md rule 7: each setting has a default and exactly one environment variable."""
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    assert names == set(ENV)
+    assert ServerConfig() == ServerConfig.from_env({})
+
+
+def test_from_env_parses_types_and_overrides_win() -> None:
+    """Numbers are parsed by the field's type; empty values keep the default; overrides (CLI) win."""
+    env = {
+        "RESIDUE_PORT": "6000",
+        "RESIDUE_REQUEST_EXPIRY_S": "2.5",
+        "RESIDUE_TOKEN": "",
+        "REDIS_URL": "redis://x",
+    }
+    cfg = ServerConfig.from_env(env, port=7000, metrics_port=None)
+    assert (cfg.port, cfg.request_expiry_s, cfg.token, cfg.redis_url) == (7000, 2.5, "", "redis://x")
+    assert cfg.metrics_port == 9464
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RESIDUE_PORT": "http"}, "RESIDUE_PORT='http' is not an integer"),
+        ({"RESIDUE_PORT": "70000"}, "RESIDUE_PORT must be a port"),
+        ({"RESIDUE_MAX_OPEN_REQUESTS": "0"}, "RESIDUE_MAX_OPEN_REQUESTS must be an integer >= 1"),
+        ({"RESIDUE_REQUEST_EXPIRY_S": "-1"}, "RESIDUE_REQUEST_EXPIRY_S must be a positive number"),
+        ({"RESIDUE_TLS_CERT": "cert.pem"}, "RESIDUE_TLS_KEY"),
+        ({"RESIDUE_TOKEN": "two words"}, "RESIDUE_TOKEN must not contain whitespace"),
+        ({"RESIDUE_MAX_MESSAGE_BYTES": "100"}, "RESIDUE_MAX_MESSAGE_BYTES must be at least"),
+    ],
+)
+def test_invalid_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        ServerConfig.from_env(env)
+
+
+def test_unknown_override_and_unreadable_tls_files() -> None:
+    with pytest.raises(InvalidInput, match="unknown setting"):
+        ServerConfig.from_env({}, prot=1)
+    cfg = ServerConfig(tls_cert="/nonexistent/cert.pem", tls_key="/nonexistent/key.pem")
+    with pytest.raises(InvalidInput, match=r"RESIDUE_TLS_KEY=.* cannot be read"):
+        cfg.read_tls()
