@@ -11,6 +11,7 @@ least-squares linear baseline, L0, dead fraction, spliced next-token KL and top-
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default=None, choices=["transcoder_set", "cross_layer_transcoder"])
     ap.add_argument("--out", type=Path, default=RESULTS / "clt_quality.json")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tc = replace(
         DEFAULT_SMOLLM2,
         train_tokens=args.tokens or DEFAULT_SMOLLM2.train_tokens,

@@ -13,6 +13,7 @@ features of each token get gradient), written as a custom autograd function; the
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,8 @@ from torch import nn
 from residue_monitor.detectors.clt.activations import capture_mlp
 from residue_monitor.detectors.clt.metrics import LinearBaseline, fvu_per_layer
 from residue_monitor.detectors.clt.model import CLTConfig, CrossLayerTranscoder, ModelKind
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -404,6 +407,7 @@ def train_clt(
                 next_curve += tc.curve_every_tokens
                 fv = probe_fvu(trainer, probe[0].flatten(1, 2), probe[1].flatten(1, 2), probe_ok)  # type: ignore[arg-type]
                 curve.append({"tokens": float(done), "fvu_mean": sum(fv) / len(fv)})
+                logger.info("probe FVU %.4f after %d tokens", curve[-1]["fvu_mean"], done)
         if done >= tc.train_tokens:
             break
 

@@ -76,6 +76,8 @@ def test_default_clt_quality(smol) -> None:
     assert m["clt_id"] == clt.clt_id()
     assert max(m["fvu"]) < 1.0, m["fvu"]
     assert m["fvu_mean"] < 0.6
+    # the features must add something over the least-squares linear map the skip starts from
+    assert m["fvu_mean"] < m["linear_baseline_fvu_mean"]
     assert m["l0_mean"] == pytest.approx(DEFAULT_SMOLLM2.k, abs=1.0)
     assert m["dead_fraction_mean"] < 0.5
     assert m["top1_agreement"] > 0.2
