@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         def decode_step() -> object:
             # one new token on top of a 255-token cache; the cache is cropped back so every rep is equal
             r = model(input_ids=ids[:, 255:], past_key_values=past, use_cache=True)
-            past.crop(255)
+            past.crop(-1)  # drop the token just appended (transformers 5: negative = remove n)
             return r
 
         t_prefill = _median_s(prefill, args.reps)
