@@ -1,11 +1,15 @@
 """Run the dashboard's queries against a real Prometheus scraping a residue /metrics endpoint.
 
 Shared by tests/integration/test_deploy.py (every panel must return data) and render_preview.py (the PNG).
-Three pieces, each replaceable on its own:
+Four pieces, each replaceable on its own:
 
+- :func:`serve_sidecar` + :class:`ReplayTraffic`: the real sidecar (``residue serve`` as a subprocess on
+  free loopback ports) and a thread that streams given ``IngestMessage`` requests (real frames, built by
+  ``service/frames.py``) into it over one long-lived Ingest stream, as the vLLM plugin does. This is what
+  the test scrapes.
 - :func:`synthetic_sidecar`: a ``/metrics`` endpoint (``service/exporter.py`` on port 0) fed by a thread of
-  realistic observations through :class:`StatsAccumulator`. A real sidecar fed with real frames can take its
-  place: all the rest needs is a ``host:port`` that serves ``/metrics``.
+  realistic observations through :class:`StatsAccumulator`, including the families only the vLLM plugin
+  reports (capture overhead, prefill risk); render_preview.py uses it for the PNG.
 - :class:`PrometheusServer`: the ``prometheus`` binary on a free loopback port, a temp config and data dir,
   exemplar storage on, scraping the given targets every second.
 - :func:`panel_targets` / :func:`substitute`: the queries of the generated dashboard JSON with Grafana's
@@ -21,6 +25,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -32,8 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry
 
+from residue_monitor.service._proto import residue_pb2 as pb
+from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.exporter import (
     LAYER_BANDS,
     StatsAccumulator,
@@ -140,6 +148,146 @@ def synthetic_sidecar(
         stop.set()
         thread.join(5)
         server.stop()
+
+
+# --- the real sidecar ----------------------------------------------------------------------------------
+
+
+class SidecarError(RuntimeError):
+    """``residue serve`` did not start, or died while traffic flowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarProcess:
+    """A running ``residue serve``: its gRPC and /metrics addresses and its log file."""
+
+    grpc_target: str
+    metrics_target: str
+    log: Path
+
+
+@contextmanager
+def serve_sidecar(
+    workdir: Path, env: Mapping[str, str] | None = None, timeout_s: float = 120.0
+) -> Iterator[SidecarProcess]:
+    """``residue serve`` on free 127.0.0.1 ports (gRPC and /metrics); ``env`` adds ``RESIDUE_*`` /
+    ``REDIS_URL`` settings. Yields once health answers SERVING; SIGTERM (graceful drain) on exit."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    grpc_port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, "-c", "from residue_monitor.service.cli import app; app()", "serve",
+           "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port)]  # fmt: skip
+    full_env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(workdir),
+        "RESIDUE_METRICS_HOST": "127.0.0.1",
+        "RESIDUE_DRAIN_DELAY_S": "0",
+        "RESIDUE_GRACE_S": "2",
+        **(env or {}),
+    }
+    log_path = workdir / "sidecar.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+    def tail() -> str:
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+
+    try:
+        target = f"127.0.0.1:{grpc_port}"
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(target) as ch:
+            health: Any = health_pb2_grpc.HealthStub(ch)
+            while True:
+                with suppress(grpc.RpcError):
+                    ok = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if ok.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SidecarError(f"residue serve did not become SERVING:\n{tail()}")
+                time.sleep(0.2)
+        yield SidecarProcess(target, f"127.0.0.1:{metrics_port}", log_path)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def renamed(msgs: Sequence[pb.IngestMessage], request_id: str) -> list[pb.IngestMessage]:
+    """Copies of one request's messages under another request id."""
+    out = []
+    for m in msgs:
+        c = pb.IngestMessage()
+        c.CopyFrom(m)
+        kind = c.WhichOneof("kind")
+        assert kind is not None, "an IngestMessage without a kind"
+        getattr(c, kind).request_id = request_id
+        out.append(c)
+    return out
+
+
+class ReplayTraffic:
+    """Streams ``requests`` (each a whole request's messages: start, frames, end) round-robin into a
+    sidecar at ``requests_per_s``, each replay under a fresh ``cmpl-…`` request id, on one Ingest stream
+    (reopened if the sidecar ends it). Every ``duplicate_every``-th request resends one frame, as a
+    plugin retrying a send would, so the dropped-frames panels see real drops. ``start()`` / ``stop()``."""
+
+    def __init__(
+        self,
+        grpc_target: str,
+        requests: Sequence[Sequence[pb.IngestMessage]],
+        requests_per_s: float = 5.0,
+        duplicate_every: int = 3,
+    ) -> None:
+        assert requests, "nothing to replay"
+        self.grpc_target = grpc_target
+        self.requests = [list(r) for r in requests]
+        self.interval_s = 1.0 / requests_per_s
+        self.duplicate_every = duplicate_every
+        self.sent = 0
+        """Requests sent so far."""
+        self.errors: list[str] = []
+        """Ingest streams that ended with an error (each reopened)."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="residue-replay", daemon=True)
+
+    def _messages(self) -> Iterator[pb.IngestMessage]:
+        while not self._stop.is_set():
+            i = self.sent
+            msgs = renamed(self.requests[i % len(self.requests)], f"cmpl-replay{i:06d}-0")
+            if self.duplicate_every and i % self.duplicate_every == 0 and len(msgs) > 2:
+                msgs.insert(2, msgs[1])  # the first frame again, right after itself
+            yield from msgs
+            self.sent += 1
+            self._stop.wait(self.interval_s)
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.grpc_target) as ch:
+            stub = pb_grpc.ResidueServiceStub(ch)
+            while not self._stop.is_set():
+                try:
+                    stub.Ingest(self._messages(), timeout=3600)
+                except grpc.RpcError as e:
+                    self.errors.append(str(e))
+                    self._stop.wait(0.5)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_for(self, n: int, timeout_s: float = 60.0) -> None:
+        """Until ``n`` requests have been sent."""
+        deadline = time.monotonic() + timeout_s
+        while self.sent < n:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise SidecarError(f"only {self.sent} of {n} requests sent; stream errors: {self.errors}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 # --- Prometheus ----------------------------------------------------------------------------------------

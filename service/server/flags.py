@@ -6,6 +6,16 @@ first gets the retained events after it from the store, then the live ones (an e
 delivered once). Live events carry no ``event_id``: the store assigns ids inside ``append_flag``, which
 does not return them; a client that needs to resume exactly should use the ids of replayed events.
 
+Replicas sharing a store (``tail_store``: a RedisStore behind several sidecars) also tail the store's flag
+stream while a watch is open, so a watcher on one replica gets the flags raised by every replica. Its own
+replica's flags then arrive twice (hub and store) and are delivered once, on whichever comes first; flags
+tailed from the store carry their ``event_id``. Without ``after_event_id`` the tail starts
+``TAIL_LOOKBACK_S`` before the watch opened by this host's clock (store ids are the store's clock in ms),
+so a watcher also gets flags the other replicas raised just before it subscribed, and clock skew larger
+than that between hosts and Redis can lose the other replicas' flags of the first moments. Each such
+watcher holds one blocking store read (``TAIL_BLOCK_S``) at a time; while the store is down the tail
+retries and the local hub keeps delivering.
+
 Each watcher has a bounded queue; one that falls ``max_queue`` events behind is ended with
 RESOURCE_EXHAUSTED instead of growing without bound. ``close()`` (graceful shutdown) ends every watch
 cleanly, so draining does not wait the whole grace period for watchers that never hang up.
@@ -14,17 +24,27 @@ cleanly, so draining does not wait the whole grace period for watchers that neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from residue_monitor.detectors.exceptions import InvalidInput
+from residue_monitor.detectors.exceptions import InvalidInput, ResidueError
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service.server.errors import LimitExceeded
 from residue_monitor.service.store import Store
 from residue_monitor.service.store.base import MAX_FLAG_BATCH, parse_event_id
 
 logger = logging.getLogger(__name__)
+
+TAIL_BLOCK_S = 1.0
+"""How long one tailing read of the store's flag stream waits for new events."""
+TAIL_LOOKBACK_S = 1.0
+"""Where a tail without ``after_event_id`` starts, before the watch opened."""
+_SEEN_MAX = 4096
+"""Keys of delivered events remembered for de-duplication, per watcher."""
 
 _CLOSED = object()
 _OVERFLOW = object()
@@ -136,23 +156,62 @@ def _key(ev: pb.FlagEvent) -> tuple[str, str, str, int, int]:
     return (ev.tenant, ev.request_id, ev.flag, ev.time.seconds, ev.time.nanos)
 
 
-async def watch(hub: FlagHub, store: Store, flt: WatchFilter) -> AsyncIterator[pb.FlagEvent]:
-    """Replay (when ``flt.after_event_id`` is set) then live events matching ``flt``."""
+async def _tail(store: Store, sub: Subscription, cursor: str) -> None:
+    """Offer every event the store's flag stream gets after ``cursor`` to ``sub`` until cancelled."""
+    tenant = sub.filter.tenant
+    while True:
+        try:
+            batch = await store.flags_since(tenant, cursor, limit=MAX_FLAG_BATCH, block_s=TAIL_BLOCK_S)
+        except ResidueError as e:  # the store is down: the hub still delivers this replica's flags
+            logger.debug("tailing the flag stream failed (retrying): %s", e)
+            await asyncio.sleep(TAIL_BLOCK_S)
+            continue
+        for ev in batch:
+            sub.offer(ev)
+        if batch:
+            cursor = batch[-1].event_id
+
+
+async def watch(
+    hub: FlagHub, store: Store, flt: WatchFilter, *, tail_store: bool = False
+) -> AsyncIterator[pb.FlagEvent]:
+    """Replay (when ``flt.after_event_id`` is set) then live events matching ``flt``: this replica's from
+    the hub and, with ``tail_store``, every replica's from the store's flag stream (module docstring)."""
     sub = hub.subscribe(flt)  # before the replay, so nothing raised meanwhile is missed
+    tail: asyncio.Task[None] | None = None
+    seen: OrderedDict[tuple[str, str, str, int, int], None] = OrderedDict()
+
+    def first_sighting(ev: pb.FlagEvent) -> bool:
+        """True the first time an event is seen; the second sighting (hub + store) is forgotten."""
+        key = _key(ev)
+        if key in seen:
+            del seen[key]
+            return False
+        seen[key] = None
+        if len(seen) > _SEEN_MAX:
+            seen.popitem(last=False)
+        return True
+
     try:
-        replayed: set[tuple[str, str, str, int, int]] = set()
         cursor = flt.after_event_id
+        last_id = cursor
         while cursor:
             batch = await store.flags_since(flt.tenant, cursor, limit=MAX_FLAG_BATCH)
             for ev in batch:
-                if flt.matches(ev):
-                    replayed.add(_key(ev))
+                if flt.matches(ev) and first_sighting(ev):
                     yield ev
+            if batch:
+                last_id = batch[-1].event_id
             cursor = batch[-1].event_id if len(batch) == MAX_FLAG_BATCH else ""
+        if tail_store:
+            start = last_id or f"{max(0, int((time.time() - TAIL_LOOKBACK_S) * 1000))}-0"
+            tail = asyncio.get_running_loop().create_task(_tail(store, sub, start))
         async for ev in sub.events():
-            if replayed and _key(ev) in replayed:
-                replayed.discard(_key(ev))
-                continue
-            yield ev
+            if first_sighting(ev):
+                yield ev
     finally:
+        if tail is not None:
+            tail.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tail
         sub.close()

@@ -27,7 +27,7 @@ from residue_monitor.service.server.convert import fingerprint_protos, record_fi
 from residue_monitor.service.server.flags import FlagHub, watch
 from residue_monitor.service.server.pipeline import IngestPipeline, StreamCounts
 from residue_monitor.service.server.scoring import Registry, Scorer
-from residue_monitor.service.store import Store
+from residue_monitor.service.store import MemoryStore, Store
 
 SUMMARY_METADATA_KEY = "residue-ingest-summary-bin"
 TRACE_UNIMPLEMENTED = (
@@ -53,6 +53,8 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
         self._scorers = scorers
         self._hub = hub
         self._draining = draining
+        self._tail_store = not isinstance(store, MemoryStore)
+        """A store other replicas may share: WatchFlags also tails its flag stream (flags.watch)."""
 
     async def Ingest(
         self, request_iterator: AsyncIterator[pb.IngestMessage], context: Context
@@ -82,7 +84,7 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
     async def WatchFlags(
         self, request: pb.WatchFlagsRequest, context: Context
     ) -> AsyncIterator[pb.FlagEvent]:
-        async for ev in watch(self._hub, self._store, watch_filter(request)):
+        async for ev in watch(self._hub, self._store, watch_filter(request), tail_store=self._tail_store):
             yield ev
 
     async def ListFingerprints(
