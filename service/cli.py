@@ -193,13 +193,18 @@ def demo(
     logging.basicConfig(level=logging.WARNING)
     from residue_monitor.service.analysis import analyze_prompt
     from residue_monitor.service.models import load_hf, resolve_model
-    from residue_monitor.service.training import ensure_default_clt
+    from residue_monitor.service.training import default_clt_path, ensure_default_clt
 
     try:
         with console.status(f"preparing {model} …"):
             prepared = resolve_model(model)
-        with _Bar("default CLT (trained on first run only)") as bar:
-            clt, where = ensure_default_clt(model, progress=bar)
+        where, _ = default_clt_path(model)
+        if (where / "config.yaml").is_file():
+            with console.status("loading the default CLT …"):
+                clt, where = ensure_default_clt(model)
+        else:
+            with _Bar("training the default CLT (first run only)") as bar:
+                clt, where = ensure_default_clt(model, progress=bar)
         hf, tok = load_hf(prepared.path)
     except ResidueError as e:
         _fail(e)

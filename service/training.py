@@ -145,13 +145,18 @@ def train_and_evaluate(
     return dest, metrics
 
 
+def default_clt_path(model_ref: str = "smollm2", tc: TrainConfig | None = None) -> tuple[Path, TrainConfig]:
+    """Where the default transcoder of ``model_ref`` lives in the cache, and its training config."""
+    prepared = resolve_model(model_ref)
+    tc = tc or (DEFAULT_SMOLLM2 if "smollm2" in prepared.name.lower() else tiny_train_config())
+    return clt_dir(prepared, tc), tc
+
+
 def ensure_default_clt(
     model_ref: str = "smollm2", progress: ProgressFn | None = None, tc: TrainConfig | None = None
 ) -> tuple[CrossLayerTranscoder, Path]:
     """Load the default transcoder for ``model_ref``, training it first if the cache has none."""
-    prepared = resolve_model(model_ref)
-    tc = tc or (DEFAULT_SMOLLM2 if "smollm2" in prepared.name.lower() else tiny_train_config())
-    dest = clt_dir(prepared, tc)
+    dest, tc = default_clt_path(model_ref, tc)
     if not (dest / "config.yaml").is_file():
         train_and_evaluate(model_ref, tc, out=dest, progress=progress)
     return load_clt(dest), dest
