@@ -10,58 +10,19 @@ prompt token, the prefill-time form of the papers' error-node accumulation signa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from residue_monitor.detectors.exceptions import InvalidInput, NotFound
+from residue_monitor.detectors.exceptions import InvalidInput
+from residue_monitor.detectors.registry import Registry
 from residue_monitor.service.server.config import ServerConfig
 from residue_monitor.service.server.events import ERROR_RATIO, AssembledRequest
 
 T = TypeVar("T")
-
-
-class Registry(Generic[T]):
-    """Name → item, for scorers, scorer factories, and later shells and fingerprints (STYLE.md rule 4)."""
-
-    def __init__(self, kind: str, items: Mapping[str, T] | None = None) -> None:
-        self._kind = kind
-        self._items: dict[str, T] = {}
-        for name, item in (items or {}).items():
-            self.register(name, item)
-
-    def register(self, name: str, item: T) -> T:
-        """Add ``item`` under ``name``; an empty, 'other' or already registered name raises."""
-        if not name or name == "other":  # 'other' is the exporter's overflow label
-            raise InvalidInput(f"{self._kind} name must be non-empty and not 'other', got {name!r}")
-        if name in self._items:
-            raise InvalidInput(f"{self._kind} {name!r} is already registered; names must be unique")
-        self._items[name] = item
-        return item
-
-    def get(self, name: str) -> T:
-        """The item under ``name``; ``NotFound`` listing the known names otherwise."""
-        try:
-            return self._items[name]
-        except KeyError:
-            known = ", ".join(sorted(self._items)) or "none"
-            raise NotFound(f"unknown {self._kind} {name!r}; known: {known}") from None
-
-    def names(self) -> tuple[str, ...]:
-        """Registered names, sorted."""
-        return tuple(sorted(self._items))
-
-    def __iter__(self) -> Iterator[T]:
-        return iter([self._items[n] for n in self.names()])
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
 
 
 @dataclass(frozen=True, slots=True)

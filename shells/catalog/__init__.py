@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Literal, cast, get_args
 
 from residue_monitor.detectors.exceptions import InvalidInput, NotFound
+from residue_monitor.detectors.registry import Registry
 
 MatchRule = Literal["exact", "contains", "number", "choice"]
 Split = Literal["fit", "heldout"]
@@ -99,44 +100,35 @@ class ShellSpec:
 
 
 class ShellRegistry:
-    """Shell id → ``ShellSpec`` (STYLE.md rule 4): duplicates raise, unknown names list the known ones."""
+    """Shell id → ``ShellSpec``: the shared :class:`Registry` (STYLE.md rule 4) keyed by each spec's own
+    id, which must be label-safe and never 'other' or the controls' id."""
 
     def __init__(self, specs: Iterable[ShellSpec] = ()) -> None:
-        self._items: dict[str, ShellSpec] = {}
+        self._reg: Registry[ShellSpec] = Registry(
+            "shell", reserved=("other", CONTROLS_ID), pattern=_LABEL_SAFE
+        )
         for spec in specs:
             self.register(spec)
 
     def register(self, spec: ShellSpec) -> ShellSpec:
-        """Add ``spec`` under ``spec.id``; a label-unsafe, 'other' or already registered id raises."""
-        if not _LABEL_SAFE.match(spec.id) or spec.id in ("other", CONTROLS_ID):
-            reserved = f"'other' or {CONTROLS_ID!r}"
-            raise InvalidInput(
-                f"shell id must match {_LABEL_SAFE.pattern} and not be {reserved}, got {spec.id!r}"
-            )
-        if spec.id in self._items:
-            raise InvalidInput(f"shell {spec.id!r} is already registered; shell ids must be unique")
-        self._items[spec.id] = spec
-        return spec
+        """Add ``spec`` under ``spec.id``; a label-unsafe, reserved or already registered id raises."""
+        return self._reg.register(spec.id, spec)
 
     def get(self, name: str) -> ShellSpec:
         """The shell under ``name``; ``NotFound`` listing the known ids otherwise."""
-        try:
-            return self._items[name]
-        except KeyError:
-            known = ", ".join(self.names()) or "none"
-            raise NotFound(f"unknown shell {name!r}; known: {known}") from None
+        return self._reg.get(name)
 
     def names(self) -> tuple[str, ...]:
-        return tuple(sorted(self._items))
+        return self._reg.names()
 
     def __iter__(self) -> Iterator[ShellSpec]:
-        return iter([self._items[n] for n in self.names()])
+        return iter(self._reg)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._reg)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._reg
 
 
 def split_of(instance_id: str) -> Split:
