@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from residue_monitor.detectors.exceptions import InvalidInput, ResidueError
@@ -174,7 +174,7 @@ async def _tail(store: Store, sub: Subscription, cursor: str) -> None:
 
 async def watch(
     hub: FlagHub, store: Store, flt: WatchFilter, *, tail_store: bool = False
-) -> AsyncIterator[pb.FlagEvent]:
+) -> AsyncGenerator[pb.FlagEvent, None]:
     """Replay (when ``flt.after_event_id`` is set) then live events matching ``flt``: this replica's from
     the hub and, with ``tail_store``, every replica's from the store's flag stream (module docstring)."""
     sub = hub.subscribe(flt)  # before the replay, so nothing raised meanwhile is missed

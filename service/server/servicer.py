@@ -14,6 +14,7 @@ reconnect to another replica.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -84,8 +85,19 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
     async def WatchFlags(
         self, request: pb.WatchFlagsRequest, context: Context
     ) -> AsyncIterator[pb.FlagEvent]:
-        async for ev in watch(self._hub, self._store, watch_filter(request), tail_store=self._tail_store):
-            yield ev
+        events = watch(self._hub, self._store, watch_filter(request), tail_store=self._tail_store)
+
+        def rpc_done(_ctx: object) -> None:
+            # The RPC ended (client hung up, deadline, shutdown) while this generator may sit at a yield
+            # that is never resumed: close the inner generator now, so its subscription and store tail are
+            # freed at once rather than whenever it is garbage-collected (seen as a leaked watcher).
+            closing = asyncio.ensure_future(events.aclose())
+            closing.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+        context.add_done_callback(rpc_done)  # pyright: ignore[reportArgumentType]
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                yield ev
 
     async def ListFingerprints(
         self, request: pb.ListFingerprintsRequest, context: Context
