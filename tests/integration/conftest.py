@@ -21,6 +21,7 @@ import pytest_asyncio
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from residue_monitor.detectors.clt.model import CLTConfig, CrossLayerTranscoder, random_clt
 from residue_monitor.service.store import MemoryStore, RedisStore, Store
 
 REDIS_PASSWORD = "residue-test-pw"
@@ -151,3 +152,10 @@ async def make_store(backend: str, request: pytest.FixtureRequest) -> AsyncItera
 async def store(make_store: MakeStore) -> Store:
     """A store of the parametrized backend with default settings."""
     return make_store()
+
+
+@pytest.fixture(scope="session")
+def clt() -> CrossLayerTranscoder:
+    """A random transcoder matching the tiny model (4 layers, d_model 64): the one the server, scale-out
+    and dashboard tests check real tiny-model frames against."""
+    return random_clt(CLTConfig(n_layers=4, d_model=64, n_features=256, k=16), seed=1, scale=0.5)

@@ -51,7 +51,7 @@ from deploy.grafana.livecheck import (
     substitute,
 )
 from residue_monitor.detectors.clt.io import save_clt
-from residue_monitor.detectors.clt.model import CLTConfig, random_clt
+from residue_monitor.detectors.clt.model import CrossLayerTranscoder
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service.exporter import StatsAccumulator, register_collectors
 from residue_monitor.service.frames import request_messages
@@ -795,13 +795,15 @@ def _prompt_score(msgs: list[pb.IngestMessage]) -> float:
 
 @pytest.fixture(scope="module")
 def live_sidecar(
-    prometheus_bin: str, tiny_hf: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory
+    prometheus_bin: str,
+    tiny_hf: tuple[Any, Any],
+    clt: CrossLayerTranscoder,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[SidecarProcess, ReplayTraffic]]:
     """``residue serve`` (in-memory store, checking frames against a saved random transcoder) with real
     tiny-model requests streaming in at 5 per second; the prompt-error threshold sits between the
     requests' scores, so about half of them raise a flag."""
     model, tok = tiny_hf
-    clt = random_clt(CLTConfig(n_layers=4, d_model=64, n_features=256, k=16), seed=1, scale=0.5)
     workdir = tmp_path_factory.mktemp("sidecar")
     clt_dir = save_clt(clt, workdir / "clt")
     requests = [

@@ -27,7 +27,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from residue_monitor.detectors.clt.model import CLTConfig, CrossLayerTranscoder, random_clt
+from residue_monitor.detectors.clt.model import CrossLayerTranscoder
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.frames import pack_ids, pack_values, request_messages
@@ -50,12 +50,6 @@ Messages = list[pb.IngestMessage]
 
 
 # ---- real frames from the tiny model ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def clt() -> CrossLayerTranscoder:
-    """A random transcoder matching the tiny model (4 layers, d_model 64)."""
-    return random_clt(CLTConfig(n_layers=4, d_model=64, n_features=256, k=16), seed=1, scale=0.5)
 
 
 @pytest.fixture(scope="module")
