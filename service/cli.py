@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from residue_monitor.detectors.exceptions import InvalidInput as InvalidInputError
 from residue_monitor.detectors.exceptions import ResidueError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="residue-monitor: read a model's residue.")
@@ -22,8 +23,10 @@ models_app = typer.Typer(
     no_args_is_help=True, help="Prepare models (SmolLM2 from its GGUF, tiny test model)."
 )
 clt_app = typer.Typer(no_args_is_help=True, help="Train, load and inspect transcoders (CLTs).")
+shells_app = typer.Typer(no_args_is_help=True, help="Run the diagnostic shells and fit fingerprints.")
 app.add_typer(models_app, name="models")
 app.add_typer(clt_app, name="clt")
+app.add_typer(shells_app, name="shells")
 console = Console()
 
 DEMO_PROMPTS = [
@@ -233,6 +236,203 @@ def demo(
         )
         logging.getLogger(__name__).info("analysed in %.2fs", time.perf_counter() - t0)
     console.print(table)
+
+
+class _Count:
+    """A rich progress bar usable as a ``progress(done, total)`` callback."""
+
+    def __init__(self, label: str) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        )  # fmt: skip
+        self.task = self.progress.add_task(label, total=None)
+
+    def __enter__(self) -> _Count:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+
+ModelOpt = Annotated[str, typer.Option(help="smollm2 | tiny | path to an HF folder")]
+CltOpt = Annotated[Path | None, typer.Option(help="transcoder folder (default: the model's default CLT)")]
+MaxTokOpt = Annotated[int, typer.Option(help="generation budget (vLLM max_tokens); greedy decoding")]
+
+
+@app.command("analyze")
+def analyze(
+    prompt: Annotated[str | None, typer.Argument(help="one prompt (or use --input)")] = None,
+    input: Annotated[
+        Path | None, typer.Option("--input", help="JSONL: one object per line with id, prompt")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="JSONL written with --input (default: stdout)")] = None,
+    model: ModelOpt = "smollm2",
+    clt: CltOpt = None,
+    fingerprints: Annotated[
+        Path | None, typer.Option(help="fingerprints JSON (default: the one `residue shells run` wrote)")
+    ] = None,
+    max_new_tokens: MaxTokOpt = 48,
+    no_chat: Annotated[bool, typer.Option("--no-chat", help="do not apply the chat template")] = False,
+) -> None:
+    """Run the model on a prompt; print its residue signature, detector scores and fingerprint matches."""
+    logging.basicConfig(level=logging.WARNING)
+    from residue_monitor.detectors.request import GenerationConfig
+    from residue_monitor.service.engine import analysis_record, find_fingerprints, load_engine, read_prompts
+
+    if (prompt is None) == (input is None):
+        _fail(InvalidInputError("give either a PROMPT argument or --input FILE.jsonl"))
+        return
+    try:
+        with console.status("loading model and transcoder …"):
+            eng = load_engine(model, clt)
+            fps = find_fingerprints(eng, fingerprints)
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, chat=not no_chat)
+        if input is not None:
+            items = list(read_prompts(input))
+            sink = output.open("w") if output is not None else sys.stdout
+            try:
+                with _Count("analysing") as bar:
+                    for i, (_, obj) in enumerate(items):
+                        a = eng.analyze(obj["prompt"], gen)
+                        sink.write(json.dumps({**obj, **analysis_record(a, fps)}) + "\n")
+                        bar(i + 1, len(items))
+            finally:
+                if output is not None:
+                    sink.close()
+            if output is not None:
+                console.print(f"wrote {len(items)} lines to {output}")
+            return
+        assert prompt is not None
+        a = eng.analyze(prompt, gen)
+    except ResidueError as e:
+        _fail(e)
+        return
+    _print_analysis(analysis_record(a, fps), eng.prepared.name)
+
+
+def _print_analysis(rec: dict[str, object], model_name: str) -> None:
+    sig: dict[str, object] = rec["signature"]  # type: ignore[assignment]
+    console.print(f"[bold]{model_name}[/]  CLT {rec['clt_id']}")
+    console.print(f"output ({rec['output_tokens']} tokens{', stopped' if rec['stopped'] else ''}): "
+                  f"{rec['output'] or '∅ (null output)'}", soft_wrap=True)  # fmt: skip
+    t = Table(title="signature (last prompt token)")
+    for c in (
+        "prompt tokens",
+        "rows (position, phase)",
+        "error ratio early/mid/late",
+        "mean L0",
+        "mean mass",
+    ):
+        t.add_column(c)
+    thirds = " / ".join("–" if v is None else f"{v:.2f}" for v in sig["error_ratio_thirds"])  # type: ignore[attr-defined]
+    t.add_row(str(rec["prompt_tokens"]), str(sig["rows"]), thirds, str(sig["mean_l0"]), str(sig["mean_mass"]))
+    console.print(t)
+    t = Table(title="detectors")
+    t.add_column("detector")
+    t.add_column("score", justify="right")
+    t.add_column("evidence", overflow="fold")
+    for name, d in rec["detectors"].items():  # type: ignore[attr-defined]
+        ev = ", ".join(f"{k}={v:.3g}" for k, v in d["evidence"].items())
+        t.add_row(name, f"{d['score']:.4f}", ev)
+    console.print(t)
+    t = Table(title="output-only baselines")
+    t.add_column("baseline")
+    t.add_column("value", justify="right")
+    for k, v in rec["baselines"].items():  # type: ignore[attr-defined]
+        t.add_row(k, "–" if v is None else f"{v:.4g}")
+    console.print(t)
+    fps: dict[str, dict[str, object]] = rec["fingerprints"]  # type: ignore[assignment]
+    if not fps:
+        console.print("no fingerprints for this CLT yet: run `residue shells run`")
+        return
+    t = Table(title="fingerprints")
+    for c in ("fingerprint", "score", "threshold", "matched"):
+        t.add_column(c)
+    for name, m in fps.items():
+        thr = m["threshold"]
+        t.add_row(name, f"{m['score']:.3f}", "–" if thr is None else f"{thr:.3f}",
+                  "[bold red]MATCH[/]" if m["matched"] else "no")  # fmt: skip
+    console.print(t)
+
+
+@shells_app.command("run")
+def shells_run(
+    out: Annotated[
+        Path | None, typer.Option(help="run folder (default: $RESIDUE_HOME/shells/<model>-<clt id>)")
+    ] = None,
+    model: ModelOpt = "smollm2",
+    clt: CltOpt = None,
+    max_new_tokens: MaxTokOpt = 24,
+    target_fpr: Annotated[
+        float, typer.Option(help="false-positive rate each threshold is calibrated for")
+    ] = 0.05,
+    limit: Annotated[
+        int | None, typer.Option(help="at most this many instances per shell (quick runs)")
+    ] = None,
+) -> None:
+    """Run shells v1–v5 + the meta-shell and the controls, fit and calibrate one fingerprint per shell,
+    and report detection / false-positive rates on held-out prompts."""
+    logging.basicConfig(level=logging.WARNING)
+    from residue_monitor.detectors.request import GenerationConfig
+    from residue_monitor.service.engine import default_fingerprints_path, load_engine, run_shells
+    from residue_monitor.service.models import residue_home
+    from residue_monitor.shells.fingerprint import FitConfig
+
+    try:
+        with console.status("loading model and transcoder …"):
+            eng = load_engine(model, clt)
+        dest = out or residue_home() / "shells" / f"{eng.prepared.name}-{eng.clt_id}"
+        with _Count("shells + controls") as bar:
+            report = run_shells(eng, dest, GenerationConfig(max_new_tokens=max_new_tokens),
+                                FitConfig(target_fpr=target_fpr), progress=bar, limit=limit)  # fmt: skip
+        fp_path = default_fingerprints_path(eng.prepared.name, eng.clt_id)
+        fp_path.parent.mkdir(parents=True, exist_ok=True)
+        fp_path.write_bytes((dest / "fingerprints.json").read_bytes())
+    except ResidueError as e:
+        _fail(e)
+        return
+    t = Table(title=f"fingerprints on held-out prompts (target FPR {target_fpr:.0%})")
+    for c in ("shell", "detection", "FPR", "threshold", "held-out n (shell/controls)"):
+        t.add_column(c)
+    for sid, row in report["per_shell"].items():
+        thr = row["threshold"]
+        thr_s = "–" if thr is None else f"{thr:.3f}"
+        n_s = f"{row['heldout_positives']}/{row['heldout_controls']}"
+        t.add_row(sid, f"{row['detection_rate']:.0%}", f"{row['fpr']:.1%}", thr_s, n_s)
+    console.print(t)
+    console.print(f"run folder {dest}\nfingerprints {fp_path} (RESIDUE_FINGERPRINTS for the sidecar)")
+
+
+@app.command("maps")
+def maps(
+    run: Annotated[
+        Path | None, typer.Option(help="a `residue shells run` folder (default: the model's)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="where the PNG + JSON maps go (default: RUN/maps)")] = None,
+    model: ModelOpt = "smollm2",
+    clt: CltOpt = None,
+) -> None:
+    """Draw the papers' maps: per-shell trace maps, the feature alignment matrix, the generalization map."""
+    logging.basicConfig(level=logging.WARNING)
+    from residue_monitor.service.engine import draw_maps, load_engine
+    from residue_monitor.service.models import residue_home
+
+    try:
+        with console.status("loading model and transcoder …"):
+            eng = load_engine(model, clt)
+        src = run or residue_home() / "shells" / f"{eng.prepared.name}-{eng.clt_id}"
+        with console.status("drawing maps …"):
+            paths = draw_maps(eng, src, out or src / "maps")
+    except ResidueError as e:
+        _fail(e)
+        return
+    for p in paths:
+        console.print(str(p))
 
 
 @app.command("serve")

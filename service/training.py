@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 # Chosen by measurement (README "Default CLT"): a per-layer skip transcoder set, F = 1536, k = 32,
 # 150 k Brown tokens: trains in ≤ 20 min on 2 cores (README "Default CLT").
 DEFAULT_SMOLLM2 = TrainConfig(kind="transcoder_set", n_features=1536, k=32, train_tokens=150_000)
+CHAT_EVERY = 3
+"""Every CHAT_EVERY-th document is wrapped in the model's chat template (see ``chat_mix``)."""
 HELDOUT_WINDOWS = 160  # 160 × 127 scored tokens ≈ 20 k held-out tokens
 SPLICE_WINDOWS = 48
 
@@ -63,9 +65,39 @@ def machine_info() -> dict[str, Any]:
 
 def clt_dir(model: PreparedModel, tc: TrainConfig) -> Path:
     tag = "set" if tc.kind == "transcoder_set" else "clt"
+    # "-chat": trained on the chat-mixed corpus (``chat_mix``); older Brown-only folders are not reused.
     return (
-        residue_home() / "clts" / f"{model.name}-{tag}-F{tc.n_features}-k{tc.k}-t{tc.train_tokens // 1000}k"
+        residue_home()
+        / "clts"
+        / f"{model.name}-{tag}-F{tc.n_features}-k{tc.k}-t{tc.train_tokens // 1000}k-chat"
     )
+
+
+def chat_mix(tok: Any, texts: list[str], every: int = CHAT_EVERY, words: int = 40) -> list[str]:
+    """Wrap every ``every``-th text in the tokenizer's chat template, as alternating user/assistant turns.
+
+    The monitor reads chat requests, whose last prompt token is a template token (``assistant\\n``); a
+    transcoder trained on plain prose reconstructs those positions badly (error ratio ≈ 1 in early layers),
+    which flattens the signal at the position that matters most. Each wrapped text is cut into pieces
+    of about ``words`` words; pieces alternate user/assistant, two turns per conversation, so template
+    tokens (and the default system prompt) recur as they do in live traffic. Tokenizers without a chat
+    template get the texts unchanged.
+    """
+    if every <= 0 or not getattr(tok, "chat_template", None):
+        return list(texts)
+    out: list[str] = []
+    for i, text in enumerate(texts):
+        if i % every:
+            out.append(text)
+            continue
+        ws = text.split()
+        pieces = [" ".join(ws[j : j + words]) for j in range(0, len(ws), words)]
+        convs = []
+        for j in range(0, len(pieces) - 1, 2):
+            msgs = [{"role": "user", "content": pieces[j]}, {"role": "assistant", "content": pieces[j + 1]}]
+            convs.append(tok.apply_chat_template(msgs, tokenize=False))
+        out.append("\n".join(convs) if convs else text)
+    return out
 
 
 def _text_windows(tok: Any, texts: list[str], window: int) -> Iterator[list[int]]:
@@ -109,7 +141,8 @@ def train_and_evaluate(
         }
     else:
         source = {"corpus": "caller-supplied"}
-    train_texts, held_texts = texts
+    train_texts, held_texts = chat_mix(tok, texts[0]), chat_mix(tok, texts[1])
+    source["chat_mix"] = f"every {CHAT_EVERY}th document in the chat template"
     held = heldout_ids(tok, held_texts, tc.window, heldout_windows)
     probe_ids = held[:16]
     from residue_monitor.detectors.clt.activations import capture_mlp

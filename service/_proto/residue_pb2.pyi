@@ -114,7 +114,7 @@ class ResidueFrame(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., sequence: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerResidue, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[HeadStats, _Mapping]]] = ..., logits: _Optional[_Union[LogitStats, _Mapping]] = ...) -> None: ...
 
 class LayerResidue(_message.Message):
-    __slots__ = ("layer", "feature_ids", "feature_values", "l0", "mass", "error_ratio", "in_norm", "out_norm")
+    __slots__ = ("layer", "feature_ids", "feature_values", "l0", "mass", "error_ratio", "in_norm", "out_norm", "unreached")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     FEATURE_IDS_FIELD_NUMBER: _ClassVar[int]
     FEATURE_VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class LayerResidue(_message.Message):
     ERROR_RATIO_FIELD_NUMBER: _ClassVar[int]
     IN_NORM_FIELD_NUMBER: _ClassVar[int]
     OUT_NORM_FIELD_NUMBER: _ClassVar[int]
+    UNREACHED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     feature_ids: bytes
     feature_values: bytes
@@ -131,7 +132,8 @@ class LayerResidue(_message.Message):
     error_ratio: float
     in_norm: float
     out_norm: float
-    def __init__(self, layer: _Optional[int] = ..., feature_ids: _Optional[bytes] = ..., feature_values: _Optional[bytes] = ..., l0: _Optional[int] = ..., mass: _Optional[float] = ..., error_ratio: _Optional[float] = ..., in_norm: _Optional[float] = ..., out_norm: _Optional[float] = ...) -> None: ...
+    unreached: float
+    def __init__(self, layer: _Optional[int] = ..., feature_ids: _Optional[bytes] = ..., feature_values: _Optional[bytes] = ..., l0: _Optional[int] = ..., mass: _Optional[float] = ..., error_ratio: _Optional[float] = ..., in_norm: _Optional[float] = ..., out_norm: _Optional[float] = ..., unreached: _Optional[float] = ...) -> None: ...
 
 class HeadStats(_message.Message):
     __slots__ = ("layer", "head", "entropy", "self_frac", "local_frac", "sink_frac", "top_span_start", "top_span_len", "top_span_mass")

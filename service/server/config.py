@@ -35,6 +35,7 @@ ENV: Mapping[str, str] = {
     "max_heads": "RESIDUE_MAX_HEADS",
     "clt_path": "RESIDUE_CLT",
     "prompt_error_threshold": "RESIDUE_PROMPT_ERROR_THRESHOLD",
+    "fingerprints_path": "RESIDUE_FINGERPRINTS",
     "token": "RESIDUE_TOKEN",
     "tls_cert": "RESIDUE_TLS_CERT",
     "tls_key": "RESIDUE_TLS_KEY",
@@ -81,6 +82,10 @@ class ServerConfig:
     prompt_error_threshold: float = 0.9
     """``RESIDUE_PROMPT_ERROR_THRESHOLD``: the ``prompt_error_ratio`` scorer flags a request whose mean
     reconstruction error ratio at the last prompt token reaches this."""
+    fingerprints_path: str = ""
+    """``RESIDUE_FINGERPRINTS``: fingerprints JSON written by ``residue shells run``; each flags requests at
+    its calibrated threshold. They must have been fitted with the loaded CLT (``RESIDUE_CLT``): the sidecar
+    refuses to start otherwise. Empty: detectors only."""
     token: str = ""
     """``RESIDUE_TOKEN``: when set, every call except health checks needs 'authorization: Bearer <token>'."""
     tls_cert: str = ""

@@ -8,20 +8,15 @@ these values. Arrays are numpy, read-only, and their shapes are written beside t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-Phase = Literal["prompt_last", "decode", "final"]
-"""Where a frame was sampled; the values are also the ``phase`` metric label (exporter.PHASES)."""
+from residue_monitor.detectors.capture import Phase
 
 F64 = npt.NDArray[np.float64]
 I32 = npt.NDArray[np.int32]
 F32 = npt.NDArray[np.float32]
-
-# Columns of Frame.layer_stats.
-ERROR_RATIO, L0, MASS, IN_NORM, OUT_NORM = range(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +47,8 @@ class Frame:
     layers: I32
     """(L,) layer ids, strictly increasing."""
     layer_stats: F64
-    """(L, 5) per layer: error_ratio, l0, mass, in_norm, out_norm (column constants above)."""
+    """(L, 6) per layer: error_ratio, l0, mass, in_norm, out_norm, unreached (column constants in
+    ``detectors.signature``)."""
     feature_offsets: npt.NDArray[np.int64]
     """(L + 1,) layer i's features are ``feature_ids[offsets[i]:offsets[i + 1]]``."""
     feature_ids: I32

@@ -199,7 +199,9 @@ class IngestPipeline:
             counts.reject(R.REJECT_REASON_UNKNOWN_REQUEST, o.detail)
 
     async def _finalized(self, o: Finalized) -> None:
-        outcome = score_request(o.request, self._scorers)
+        outcome = score_request(
+            o.request, self._scorers, self._limits.n_layers if self._limits.clt_id else None
+        )
         task = asyncio.get_running_loop().create_task(self._persist(outcome))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from residue_monitor.service.server.events import ERROR_RATIO, L0, MASS, AssembledRequest, Frame
+from residue_monitor.detectors.signature import ERROR_RATIO, L0, MASS
+from residue_monitor.service.server.events import AssembledRequest, Frame
+from residue_monitor.service.server.residue import to_signature
 from residue_monitor.service.server.scoring import DetectorResult, Registry, Scorer
 
 logger = logging.getLogger(__name__)
@@ -99,17 +101,21 @@ def head_entropy_means(frames: Sequence[Frame]) -> tuple[float, ...]:
     return tuple(means.tolist())
 
 
-def score_request(request: AssembledRequest, scorers: Registry[Scorer]) -> Outcome:
-    """Summaries plus every applicable scorer's result; a scorer that fails is logged and left out."""
+def score_request(
+    request: AssembledRequest, scorers: Registry[Scorer], n_layers: int | None = None
+) -> Outcome:
+    """Summaries plus every applicable scorer's result; a scorer that fails is logged and left out.
+    ``n_layers``: the transcoder's layer count, when known (else read off the frames)."""
     results: list[DetectorResult] = []
     matches: list[Match] = []
     start = request.start
+    sig = to_signature(request, n_layers)
     for scorer in scorers:
         info = scorer.info
         if not info.applies_to(start.model, start.clt_id):
             continue
         try:
-            result = scorer.score(request)
+            result = scorer.score(request, sig)
         except Exception:
             logger.exception(
                 "scorer %r failed on request %r; left out of its record", info.name, start.request_id

@@ -1,26 +1,36 @@
-"""Scorers: pluggable detectors and fingerprints that turn an assembled request into scores and flags.
+"""Scorers: the residue detectors and fitted fingerprints that turn an assembled request into scores
+and flags.
 
-The residue-engine issue brings the real detectors and fitted fingerprints; the sidecar depends only on
-the ``Scorer`` protocol and the registry shape of STYLE.md rule 4 (duplicate names raise, an unknown name
-raises listing the known ones, the name is also the Prometheus ``fingerprint`` label value). One real
-scorer ships now: ``prompt_error_ratio``, the mean CLT reconstruction error ratio over layers at the last
-prompt token, the prefill-time form of the papers' error-node accumulation signal.
+The sidecar depends only on the ``Scorer`` protocol and the registry shape of STYLE.md rule 4 (duplicate
+names raise, an unknown name raises listing the known ones, the name is also the Prometheus
+``fingerprint`` label value). Built in: the three per-request residue detectors of ``detectors/``
+(``attention``, ``errors``, ``nullout``: scores only) and ``prompt_error_ratio`` (the mean CLT error ratio
+at the last prompt token, with a configured threshold). Fingerprints fitted by ``residue shells run``
+are loaded from ``RESIDUE_FINGERPRINTS`` and flag requests whose score reaches their calibrated
+threshold. Every scorer reads the same ``ResidueSignature``, rebuilt once per request from its frames.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from residue_monitor.detectors.base import DetectorResult
 from residue_monitor.detectors.exceptions import InvalidInput
 from residue_monitor.detectors.registry import Registry
+from residue_monitor.detectors.signature import ERROR_RATIO, ResidueSignature
+from residue_monitor.detectors.suite import Detector, detector_registry
 from residue_monitor.service.server.config import ServerConfig
-from residue_monitor.service.server.events import ERROR_RATIO, AssembledRequest
+from residue_monitor.service.server.events import AssembledRequest
+from residue_monitor.shells.fingerprint import Fingerprint, load_fingerprints
+
+__all__ = ["DetectorResult", "Registry", "Scorer", "ScorerInfo"]
 
 T = TypeVar("T")
 
@@ -47,16 +57,6 @@ class ScorerInfo:
         return (not self.model or self.model == model) and (not self.clt_id or self.clt_id == clt_id)
 
 
-@dataclass(frozen=True, slots=True)
-class DetectorResult:
-    """One scorer's verdict on one request (STYLE.md rule 2)."""
-
-    name: str
-    score: float
-    evidence: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
-    """A few named numbers that explain the score (for logs and, later, the record)."""
-
-
 @runtime_checkable
 class Scorer(Protocol):
     """Scores an assembled request; must be pure, cheap (milliseconds) and never raise on valid input."""
@@ -64,8 +64,9 @@ class Scorer(Protocol):
     @property
     def info(self) -> ScorerInfo: ...
 
-    def score(self, request: AssembledRequest) -> DetectorResult | None:
-        """The result, or None when the request lacks what the scorer needs (e.g. no prompt frame)."""
+    def score(self, request: AssembledRequest, sig: ResidueSignature) -> DetectorResult | None:
+        """The result, or None when the request lacks what the scorer needs (e.g. no prompt frame).
+        ``sig`` is the request's signature (``residue.to_signature``), built once for all scorers."""
         ...
 
 
@@ -89,7 +90,7 @@ class PromptErrorRatio:
     def info(self) -> ScorerInfo:
         return self._info
 
-    def score(self, request: AssembledRequest) -> DetectorResult | None:
+    def score(self, request: AssembledRequest, sig: ResidueSignature) -> DetectorResult | None:
         frame = next((f for f in request.frames if f.phase == "prompt_last"), None)
         if frame is None:
             return None
@@ -103,9 +104,64 @@ class PromptErrorRatio:
         )
 
 
+class DetectorScorer:
+    """One residue detector of ``detectors/`` (a score, never a flag)."""
+
+    def __init__(self, name: str, fn: Detector, description: str) -> None:
+        self._fn = fn
+        self._info = ScorerInfo(name=name, description=description)
+
+    @property
+    def info(self) -> ScorerInfo:
+        return self._info
+
+    def score(self, request: AssembledRequest, sig: ResidueSignature) -> DetectorResult | None:
+        return self._fn(sig) if sig.rows else None
+
+
+class FingerprintScorer:
+    """A fitted fingerprint: its probability, flagged at its calibrated threshold, for its CLT only."""
+
+    def __init__(self, fp: Fingerprint) -> None:
+        self.fingerprint = fp
+        self._info = ScorerInfo(
+            name=fp.name,
+            description=f"fingerprint of the {fp.family} failure family",
+            version=fp.version,
+            threshold=fp.threshold,
+            target_fpr=fp.target_fpr,
+            model=fp.model,
+            clt_id=fp.clt_id,
+        )
+
+    @property
+    def info(self) -> ScorerInfo:
+        return self._info
+
+    def score(self, request: AssembledRequest, sig: ResidueSignature) -> DetectorResult | None:
+        if not sig.rows or sig.n_layers != self.fingerprint.n_layers:
+            return None
+        return DetectorResult(self._info.name, self.fingerprint.score(sig))
+
+
+DETECTOR_DESCRIPTIONS = {
+    "attention": "attention disruption: mean trapped attention mass over heads at the last prompt token",
+    "errors": "error accumulation: CLT error ratio growth from the first to the last third of the layers",
+    "nullout": "null-output residue: feature mass that does not reach the emitted token's logit",
+}
+
+
+def _detector_factory(name: str) -> Callable[[ServerConfig], Scorer]:
+    return lambda cfg: DetectorScorer(name, detector_registry().get(name), DETECTOR_DESCRIPTIONS[name])
+
+
 ScorerFactory = Callable[[ServerConfig], Scorer]
 BUILTIN_SCORERS: Registry[ScorerFactory] = Registry(
-    "scorer", {"prompt_error_ratio": lambda cfg: PromptErrorRatio(cfg.prompt_error_threshold)}
+    "scorer",
+    {
+        **{name: _detector_factory(name) for name in detector_registry().names()},
+        "prompt_error_ratio": lambda cfg: PromptErrorRatio(cfg.prompt_error_threshold),
+    },
 )
 """Scorers the sidecar can build from its config, by name."""
 
@@ -119,6 +175,10 @@ def scorer_registry(scorers: Iterable[Scorer]) -> Registry[Scorer]:
 
 
 def default_scorers(cfg: ServerConfig, names: Iterable[str] | None = None) -> Registry[Scorer]:
-    """A registry of the built-in scorers ``names`` (default: all), configured from ``cfg``."""
+    """The built-in scorers ``names`` (default: all), configured from ``cfg``, plus the fingerprints of
+    ``cfg.fingerprints_path`` when set (a malformed file raises ``InvalidInput`` naming it)."""
     chosen = BUILTIN_SCORERS.names() if names is None else tuple(names)
-    return scorer_registry(BUILTIN_SCORERS.get(n)(cfg) for n in chosen)
+    scorers: list[Scorer] = [BUILTIN_SCORERS.get(n)(cfg) for n in chosen]
+    if cfg.fingerprints_path:
+        scorers += [FingerprintScorer(fp) for fp in load_fingerprints(Path(cfg.fingerprints_path))]
+    return scorer_registry(scorers)

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from residue_monitor.detectors.clt.io import load_clt
 from residue_monitor.detectors.clt.model import CrossLayerTranscoder
+from residue_monitor.detectors.exceptions import ArtifactMismatch
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.exporter import (
@@ -94,6 +95,19 @@ class Sidecar:
         """The bound /metrics port, or None when the endpoint is off."""
         return None if self._metrics is None else self._metrics.port
 
+    def _check_fingerprints(self) -> None:
+        """Fingerprints fitted with another transcoder would score meaningless inputs: refuse to start."""
+        if self._clt is None:
+            return
+        clt_id = self._clt.clt_id()
+        for s in self.scorers:
+            if s.info.clt_id and s.info.clt_id != clt_id:
+                raise ArtifactMismatch(
+                    f"fingerprint {s.info.name} was fitted with CLT {s.info.clt_id}, but the sidecar loaded "
+                    f"CLT {clt_id} ({self.cfg.clt_path or 'injected'}): refit it (residue shells run) or "
+                    "load the transcoder it was fitted with"
+                )
+
     async def start(self) -> None:
         """Load the CLT, open the store, bind the port, report SERVING."""
         cfg = self.cfg
@@ -104,6 +118,7 @@ class Sidecar:
             self._store = store_from_config(
                 replace(store_cfg, redis_url=cfg.redis_url or store_cfg.redis_url)
             )
+        self._check_fingerprints()
         limits = FrameLimits.from_config(cfg, self._clt)
         self.pipeline = IngestPipeline(
             self._store, self.scorers, self.stats, self.hub, limits, AssemblerLimits.from_config(cfg)

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from residue_monitor.detectors.capture import Phase
 from residue_monitor.detectors.clt.model import CrossLayerTranscoder
 from residue_monitor.detectors.exceptions import InvalidInput
+from residue_monitor.detectors.signature import LAYER_STAT_NAMES
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service.server.config import ServerConfig
 from residue_monitor.service.server.errors import Rejected
-from residue_monitor.service.server.events import End, Frame, Phase, Start
+from residue_monitor.service.server.events import End, Frame, Start
 from residue_monitor.service.store.base import MAX_REQUEST_ID_LEN, check_tenant
 
 R = pb.RejectReason
@@ -162,7 +164,7 @@ def check_frame(f: pb.ResidueFrame, limits: FrameLimits) -> Frame:
 
     # One pass over the repeated field (element access is the costly part), then a few whole-array
     # reductions; the slower search for *which* value is wrong only runs once something is.
-    raw: list[tuple[float, float, float, float, float]] = []
+    raw: list[tuple[float, float, float, float, float, float]] = []
     layer_ids: list[int] = []
     ids_b: list[bytes] = []
     vals_b: list[bytes] = []
@@ -173,20 +175,22 @@ def check_frame(f: pb.ResidueFrame, limits: FrameLimits) -> Frame:
             raise bad(f"layers {order} are not strictly increasing: send each layer once, in order")
         prev = x.layer
         layer_ids.append(prev)
-        raw.append((x.error_ratio, x.l0, x.mass, x.in_norm, x.out_norm))
+        raw.append((x.error_ratio, x.l0, x.mass, x.in_norm, x.out_norm, x.unreached))
         ids_b.append(x.feature_ids)
         vals_b.append(x.feature_values)
     if prev >= limits.n_layers:
         n_l = limits.n_layers
         raise bad(f"layer {prev} is outside the transcoder's {n_l} layers (0..{n_l - 1})")
-    stats = np.array(raw)  # (L, 5): error_ratio, l0, mass, in_norm, out_norm
+    stats = np.array(raw)  # (L, 6): error_ratio, l0, mass, in_norm, out_norm, unreached
     lo, hi = stats.min(axis=0).tolist(), stats.max(axis=0).tolist()  # NaN and ±inf show up in these
     if not all(map(math.isfinite, lo + hi)):
         i, j = map(int, np.argwhere(~np.isfinite(stats))[0])
-        name = ("error_ratio", "l0", "mass", "in_norm", "out_norm")[j]
+        name = LAYER_STAT_NAMES[j]
         raise bad(f"layer {layer_ids[i]} {name} is {stats[i, j]}: statistics must be finite numbers")
     if min(lo[0], lo[3], lo[4]) < 0:
         raise bad("error_ratio, in_norm and out_norm must be >= 0")
+    if lo[5] < 0 or hi[5] > 1:
+        raise bad(f"unreached must be a fraction in [0, 1], got {lo[5]}..{hi[5]}")
     if limits.n_features is not None and hi[1] > limits.n_features:
         raise bad(f"l0 {int(hi[1])} exceeds the transcoder's {limits.n_features} features")
 

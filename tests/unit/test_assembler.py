@@ -200,7 +200,12 @@ def test_summaries_and_prompt_error_ratio_score() -> None:
         assert s.mean_error_ratio == pytest.approx(np.mean(errs) + 0.1 * s.layer)
         assert s.mean_l0 == 3 + s.layer and s.mean_mass == pytest.approx(1.5 * (s.layer + 1))
     expected = 0.2 + 0.1 * np.mean(range(N_LAYERS))
-    assert outcome.results[0].score == pytest.approx(expected)
+    by_name = {r.name: r for r in outcome.results}
+    assert by_name["prompt_error_ratio"].score == pytest.approx(expected)
+    # The residue detectors score the same request (rebuilt as a signature from its frames).
+    assert {"errors", "nullout"} <= set(by_name)
+    assert "attention" not in by_name  # these frames carry no HeadStats: nothing to score
+    assert by_name["errors"].score == pytest.approx(0.1 * (N_LAYERS - 1), abs=1e-6)  # last third − first
     assert outcome.flags[0].name == "prompt_error_ratio"  # 0.35 >= 0.3
     no_prompt = summarize([f for f in req.frames if f.phase == "decode"])
     assert no_prompt.frame_count == 2
