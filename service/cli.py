@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -194,47 +193,50 @@ def demo(
 ) -> None:
     """Prepare SmolLM2, train (first run) or load the default CLT, and print residue summaries."""
     logging.basicConfig(level=logging.WARNING)
-    from residue_monitor.service.analysis import analyze_prompt
-    from residue_monitor.service.models import load_hf, resolve_model
+    from residue_monitor.detectors.request import GenerationConfig
+    from residue_monitor.service.engine import find_fingerprints, load_engine
+    from residue_monitor.service.models import resolve_model
     from residue_monitor.service.training import default_clt_path, ensure_default_clt
 
     try:
         with console.status(f"preparing {model} …"):
-            prepared = resolve_model(model)
+            resolve_model(model)
         where, _ = default_clt_path(model)
-        if (where / "config.yaml").is_file():
-            with console.status("loading the default CLT …"):
-                clt, where = ensure_default_clt(model)
-        else:
+        if not (where / "config.yaml").is_file():
             with _Bar("training the default CLT (first run only)") as bar:
-                clt, where = ensure_default_clt(model, progress=bar)
-        hf, tok = load_hf(prepared.path)
+                ensure_default_clt(model, progress=bar)
+        with console.status("loading the model and the default CLT …"):
+            eng = load_engine(model)
+            fps = find_fingerprints(eng)
     except ResidueError as e:
         _fail(e)
         return
-    console.print(f"model [green]{prepared.name}[/]  CLT {clt.clt_id()} ({where})")
-    L = clt.n_layers
+    console.print(f"model [green]{eng.prepared.name}[/]  CLT {eng.clt_id} ({eng.clt_path})", soft_wrap=True)
+    L = eng.clt.n_layers
     thirds = [(0, L // 3), (L // 3, 2 * L // 3), (2 * L // 3, L)]
-    table = Table(title="residue at the last prompt token")
-    for c in ("prompt", "output", "err ratio (early/mid/late)", "L0", "mass", "top features (layer:id)"):
+    table = Table(title="residue of each request (last prompt token; detectors over the request)")
+    cols = ("prompt", "output", "err ratio early/mid/late", "attention", "errors", "nullout", "1st-token H",
+            "fingerprint matches")  # fmt: skip
+    for c in cols:
         table.add_column(c, overflow="fold")
+    gen = GenerationConfig(max_new_tokens=24)
     for p in prompts or DEMO_PROMPTS:
-        t0 = time.perf_counter()
-        r = analyze_prompt(hf, tok, clt, p)
-        err = r.codes.error_ratio[:, 0]
-        err_s = " / ".join(f"{float(err[a:b].mean()):.2f}" for a, b in thirds)
-        vals = r.codes.values[:, 0, 0]
-        top_layers = vals.topk(min(3, L)).indices.tolist()
-        feats = ", ".join(f"{li}:{int(r.codes.ids[li, 0, 0])}" for li in top_layers)
+        a = eng.analyze(p, gen)
+        row = a.signature.row("prompt_last") or a.signature.rows[0]
+        err = row.layer_stats[:, 0]
+        err_s = " / ".join(f"{float(err[x:y].mean()):.2f}" for x, y in thirds)
+        det = {n: f"{r.score:.3f}" for n, r in a.detectors.items()}
+        matched = [fp.name for fp in fps if fp.matches(a.signature)[1]]
         table.add_row(
             p,
-            (r.output or "∅ (null output)")[:80],
+            (a.output_text or "∅ (null output)")[:80],
             err_s,
-            f"{float(r.codes.l0.float().mean()):.1f}",
-            f"{float(r.codes.mass.mean()):.1f}",
-            feats,
+            det.get("attention", "–"),
+            det.get("errors", "–"),
+            det.get("nullout", "–"),
+            f"{a.baselines.first_token_entropy:.2f}",
+            ", ".join(matched) if fps else "(run `residue shells run`)",
         )
-        logging.getLogger(__name__).info("analysed in %.2fs", time.perf_counter() - t0)
     console.print(table)
 
 
@@ -278,11 +280,18 @@ def analyze(
     ] = None,
     max_new_tokens: MaxTokOpt = 48,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="do not apply the chat template")] = False,
+    heads: Annotated[int, typer.Option(help="also print the QK/OV summary of this many heads")] = 0,
 ) -> None:
     """Run the model on a prompt; print its residue signature, detector scores and fingerprint matches."""
     logging.basicConfig(level=logging.WARNING)
     from residue_monitor.detectors.request import GenerationConfig
-    from residue_monitor.service.engine import analysis_record, find_fingerprints, load_engine, read_prompts
+    from residue_monitor.service.engine import (
+        analysis_record,
+        find_fingerprints,
+        head_report,
+        load_engine,
+        read_prompts,
+    )
 
     if (prompt is None) == (input is None):
         _fail(InvalidInputError("give either a PROMPT argument or --input FILE.jsonl"))
@@ -309,10 +318,22 @@ def analyze(
             return
         assert prompt is not None
         a = eng.analyze(prompt, gen)
+        head_rows = head_report(eng, prompt, gen, heads) if heads > 0 else []
     except ResidueError as e:
         _fail(e)
         return
     _print_analysis(analysis_record(a, fps), eng.prepared.name)
+    if head_rows:
+        t = Table(title="attention heads at the last prompt token (most trapped first)")
+        for c in ("layer", "head", "trapped", "entropy", "QK: top keys (mass)", "OV ‖·‖F", "OV σ₁"):
+            t.add_column(c)
+        for h in head_rows:
+            pairs = zip(h["qk_top_keys"], h["qk_top_mass"], strict=True)
+            keys = ", ".join(f"{k} ({m:.2f})" for k, m in pairs)
+            nums = [f"{h[c]:.2f}" for c in ("trapped_mass", "entropy")]
+            ov = [f"{h[c]:.2f}" for c in ("ov_frobenius", "ov_spectral")]
+            t.add_row(str(h["layer"]), str(h["head"]), *nums, keys, *ov)
+        console.print(t)
 
 
 def _print_analysis(rec: dict[str, object], model_name: str) -> None:
@@ -405,7 +426,8 @@ def shells_run(
         n_s = f"{row['heldout_positives']}/{row['heldout_controls']}"
         t.add_row(sid, f"{row['detection_rate']:.0%}", f"{row['fpr']:.1%}", thr_s, n_s)
     console.print(t)
-    console.print(f"run folder {dest}\nfingerprints {fp_path} (RESIDUE_FINGERPRINTS for the sidecar)")
+    msg = f"run folder {dest}\nfingerprints {fp_path} (RESIDUE_FINGERPRINTS for the sidecar)"
+    console.print(msg, soft_wrap=True)
 
 
 @app.command("maps")

@@ -161,6 +161,27 @@ def read_prompts(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield n, obj
 
 
+def head_report(engine: Engine, prompt: str, gen: GenerationConfig, top: int = 10) -> list[dict[str, Any]]:
+    """Per-head QK/OV summaries at the last prompt token, the ``top`` heads with the largest trapped or
+    sink-free concentrated attention first (the offline attention report)."""
+    from residue_monitor.detectors.attention import head_summary
+    from residue_monitor.detectors.capture import attention_probs, capture
+
+    ids = prompt_ids(engine.tok, prompt, gen.chat)
+    acts, _ = capture(engine.model, ids, [(len(ids) - 1, "prompt_last")])
+    probs = attention_probs(acts)  # (L, H, 1, T)
+    heads = head_summary(engine.model, probs, acts.positions)
+    sig = engine.builder.build(acts, prompt_tokens=len(ids))
+    from residue_monitor.detectors.attention import trapped_mass
+
+    trap = trapped_mass(sig.rows[0])  # (L, H)
+    for h in heads:
+        h["trapped_mass"] = float(trap[h["layer"], h["head"]])
+        h["entropy"] = float(sig.rows[0].heads[h["layer"], h["head"], 0])
+    heads.sort(key=lambda h: (-h["trapped_mass"], h["entropy"]))
+    return heads[:top]
+
+
 # ---------------------------------------------------------------------------------------------- shells
 def _instances() -> tuple[list[tuple[str, ShellInstance]], list[ShellInstance]]:
     shells = [(spec.id, inst) for spec in load_shells() for inst in spec.instances]

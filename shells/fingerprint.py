@@ -301,7 +301,7 @@ class FitConfig:
     n_sparse: int = 16
     """Sparse CLT features kept (the strongest FDR-significant differences)."""
     folds: int = 5
-    """Folds for the out-of-fold calibration scores."""
+    """Folds for the out-of-fold calibration scores (fewer when a side has fewer instances)."""
     seed: int = 0
 
 
@@ -356,21 +356,22 @@ def fit_fingerprint(
     ``n_features``: the CLT's features per layer (for the sparse feature columns).
     """
     cfg = cfg or FitConfig()
-    if len(positives) < cfg.folds or len(controls) < cfg.folds:
-        raise InvalidInput(
-            f"{name}: need ≥ {cfg.folds} positives and controls, got {len(positives)}/{len(controls)}"
-        )
+    # Fewer folds when a side is small (quick runs keep a few instances per shell): every fold needs at
+    # least one positive and one control to score out of fold.
+    folds = min(cfg.folds, len(positives), len(controls))
+    if folds < 2:
+        raise InvalidInput(f"{name}: need ≥ 2 positives and controls, got {len(positives)}/{len(controls)}")
     clt_ids = {s.clt_id for s in (*positives, *controls)}
     models = {s.model for s in (*positives, *controls)}
     if len(clt_ids) != 1:
         raise ArtifactMismatch(f"{name}: signatures come from several CLTs: {sorted(clt_ids)}")
     L = positives[0].n_layers
     rng = np.random.default_rng(cfg.seed)
-    pf = rng.permutation(len(positives)) % cfg.folds
-    cf = rng.permutation(len(controls)) % cfg.folds
+    pf = rng.permutation(len(positives)) % folds
+    cf = rng.permutation(len(controls)) % folds
     oof_controls = np.empty(len(controls))
     oof_pos = np.empty(len(positives))
-    for f in range(cfg.folds):
+    for f in range(folds):
         p_tr = [s for s, k in zip(positives, pf, strict=True) if k != f]
         c_tr = [s for s, k in zip(controls, cf, strict=True) if k != f]
         keys, mean, scale, w, b = _train(p_tr, c_tr, n_features, cfg, {})
@@ -400,6 +401,7 @@ def fit_fingerprint(
         report={
             "fit_positives": len(positives),
             "fit_controls": len(controls),
+            "folds": folds,
             "oof_detection_rate": float((oof_pos >= threshold).mean()),
             "oof_fpr": float((oof_controls >= threshold).mean()),
             "sparse_features": [f"L{a}/F{b}" for a, b in keys],

@@ -1,13 +1,18 @@
-"""The `residue` CLI on the tiny model: train, info, demo, and clear errors."""
+"""The `residue` CLI on the tiny model: train, info, demo, analyze, and clear errors."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from residue_monitor.detectors.clt.io import load_clt
+from residue_monitor.service.models import PreparedModel
+from residue_monitor.shells.fingerprint import Fingerprint, save_fingerprints
+from tests.integration.residue_data import fitted_fingerprints, save_tiny_transcoder
 
 runner = CliRunner()
 
@@ -47,3 +52,124 @@ def test_info_on_corrupt_folder_fails_cleanly(tmp_path: Path) -> None:
     res = runner.invoke(_app(), ["clt", "info", str(tmp_path)])
     assert res.exit_code == 2
     assert "layer_0.safetensors" in res.output and "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------------------------------------- analyze
+ANALYZE_PROMPTS = [
+    "What is the capital of France?",
+    "Alice put the key in the red box. Where is the key now?",
+    "Continue the sequence: Monday, Tuesday, Wednesday,",
+]
+
+
+@pytest.fixture(scope="module")
+def topk_clt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The random TopK transcoder of the engine tests, on disk: (folder, clt_id)."""
+    return save_tiny_transcoder(tmp_path_factory.mktemp("clt") / "tiny-topk")
+
+
+@pytest.fixture(scope="module")
+def fingerprints_file(
+    topk_clt: tuple[Path, str], tiny_model: PreparedModel, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[Fingerprint]]:
+    """Two fingerprints fitted on hand-built signatures carrying the transcoder's real clt_id."""
+    fps = fitted_fingerprints(topk_clt[1], tiny_model.name)
+    path = save_fingerprints(tmp_path_factory.mktemp("fps") / "fingerprints.json", fps)
+    return path, fps
+
+
+def _analyze_args(clt_dir: Path, *extra: str) -> list[str]:
+    return ["analyze", *extra, "--model", "tiny", "--clt", str(clt_dir), "--max-new-tokens", "4"]
+
+
+def test_analyze_prompt_prints_detectors_and_baselines(
+    residue_home_tmp: Path, topk_clt: tuple[Path, str]
+) -> None:
+    """`residue analyze PROMPT` prints the signature, the detector table (attention, errors, nullout), the
+    output-only baselines, and says when no fingerprints exist for the CLT."""
+    res = runner.invoke(_app(), _analyze_args(topk_clt[0], ANALYZE_PROMPTS[0]))
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert topk_clt[1] in out
+    for needle in ("signature (last prompt token)", "detectors", "attention", "errors", "nullout",
+                   "output-only baselines", "first_token_entropy", "perplexity"):  # fmt: skip
+        assert needle in out, needle
+    assert "no fingerprints for this CLT yet" in out
+
+
+def test_analyze_input_jsonl_writes_one_record_per_line(
+    residue_home_tmp: Path,
+    topk_clt: tuple[Path, str],
+    fingerprints_file: tuple[Path, list[Fingerprint]],
+    tmp_path: Path,
+) -> None:
+    """`residue analyze --input in.jsonl --output out.jsonl --fingerprints F` writes one JSON line per input
+    line, in order, carrying the input's extra fields, the output, the three detectors (score +
+    evidence), the baselines, and every fingerprint's score / threshold / matched."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(
+        "".join(json.dumps({"id": i, "prompt": p, "task": "x"}) + "\n" for i, p in enumerate(ANALYZE_PROMPTS))
+    )
+    fp_path, fps = fingerprints_file
+    args = _analyze_args(
+        topk_clt[0], "--input", str(src), "--output", str(dst), "--fingerprints", str(fp_path)
+    )
+    res = runner.invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    assert f"wrote 3 lines to {dst}" in res.output.replace("\n", "")
+    lines = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [(x["id"], x["prompt"], x["task"]) for x in lines] == [
+        (i, p, "x") for i, p in enumerate(ANALYZE_PROMPTS)
+    ]
+    for rec in lines:
+        assert isinstance(rec["output"], str) and rec["clt_id"] == topk_clt[1]
+        assert set(rec["detectors"]) == {"attention", "errors", "nullout"}
+        for d in rec["detectors"].values():
+            assert math.isfinite(d["score"]) and isinstance(d["evidence"], dict)
+        assert {"first_token_entropy", "perplexity", "output_tokens"} <= set(rec["baselines"])
+        assert set(rec["fingerprints"]) == {fp.name for fp in fps}
+        for fp in fps:
+            m = rec["fingerprints"][fp.name]
+            assert 0.0 <= m["score"] <= 1.0
+            assert m["threshold"] == fp.threshold
+            assert m["matched"] == (m["score"] >= fp.threshold)
+
+
+@pytest.mark.parametrize(
+    ("lines", "bad_line", "needle"),
+    [
+        (['{"id": 1, "prompt": "ok"}', "{not json"], 2, "not JSON"),
+        (['{"id": 1, "prompt": "ok"}', "", '{"id": 3, "text": "no prompt"}'], 3, "string 'prompt'"),
+    ],
+    ids=["not-json", "missing-prompt"],
+)
+def test_analyze_input_rejects_a_bad_line_by_number(
+    residue_home_tmp: Path,
+    topk_clt: tuple[Path, str],
+    tmp_path: Path,
+    lines: list[str],
+    bad_line: int,
+    needle: str,
+) -> None:
+    """A malformed --input line (not JSON, or no string prompt) exits 2 with an error naming the file and
+    the line number (blank lines count), and writes no output file."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    res = runner.invoke(_app(), _analyze_args(topk_clt[0], "--input", str(src), "--output", str(dst)))
+    assert res.exit_code == 2, res.output
+    assert f"{src}:{bad_line}:" in res.output and needle in res.output
+    assert "Traceback" not in res.output
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("both", [True, False], ids=["prompt-and-input", "neither"])
+def test_analyze_needs_exactly_one_of_prompt_and_input(
+    residue_home_tmp: Path, topk_clt: tuple[Path, str], tmp_path: Path, both: bool
+) -> None:
+    """PROMPT and --input together, or neither, exits 2 saying to give one of them."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "prompt": "hi"}\n')
+    extra = ["hi", "--input", str(src)] if both else []
+    res = runner.invoke(_app(), _analyze_args(topk_clt[0], *extra))
+    assert res.exit_code == 2, res.output
+    assert "either a PROMPT argument or --input" in res.output
