@@ -37,7 +37,8 @@ def accumulation(ratios: np.ndarray) -> dict[str, float]:
         }
     third = max(1, L // 3)
     first, last = e[:third][ok[:third]], e[-third:][ok[-third:]]
-    growth = (last.mean() if last.size else 0.0) - (first.mean() if first.size else 0.0)
+    # Growth needs both ends: a third with no finite layer says nothing about accumulation.
+    growth = float(last.mean() - first.mean()) if last.size and first.size else 0.0
     depth = np.linspace(0.0, 1.0, L)[ok]
     slope = float(np.polyfit(depth, e[ok], 1)[0])
     # One-step increases between consecutive finite layers: a NaN layer is skipped, not allowed to hide

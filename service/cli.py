@@ -297,12 +297,13 @@ def analyze(
         _fail(InvalidInputError("give either a PROMPT argument or --input FILE.jsonl"))
         return
     try:
+        # Bad lines fail before the model loads.
+        items = list(read_prompts(input)) if input is not None else []
         with console.status("loading model and transcoder …"):
             eng = load_engine(model, clt)
             fps = find_fingerprints(eng, fingerprints)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, chat=not no_chat)
         if input is not None:
-            items = list(read_prompts(input))
             sink = output.open("w") if output is not None else sys.stdout
             try:
                 with _Count("analysing") as bar:

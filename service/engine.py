@@ -143,6 +143,13 @@ def _match(fp: Fingerprint, sig: ResidueSignature) -> dict[str, Any]:
     return {"score": s, "threshold": fp.threshold if math.isfinite(fp.threshold) else None, "matched": m}
 
 
+RESULT_KEYS = frozenset(
+    {"output", "prompt_tokens", "output_tokens", "empty_output", "stopped", "clt_id", "signature",
+     "detectors", "baselines", "fingerprints"}
+)  # fmt: skip
+"""The keys ``analysis_record`` writes; input lines may not use them (they would be lost)."""
+
+
 def read_prompts(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """JSONL objects with at least ``id`` and ``prompt``; a bad line raises InvalidInput with its number."""
     try:
@@ -158,6 +165,10 @@ def read_prompts(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise InvalidInput(f"{path}:{n}: not JSON ({e.msg})") from e
         if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("prompt"), str):
             raise InvalidInput(f"{path}:{n}: expected an object with 'id' and a string 'prompt'")
+        clash = sorted(set(obj) & RESULT_KEYS)
+        if clash:
+            msg = f"field(s) {clash} would be overwritten by the analysis: rename them"
+            raise InvalidInput(f"{path}:{n}: {msg}")
         yield n, obj
 
 

@@ -140,8 +140,9 @@ def test_analyze_input_jsonl_writes_one_record_per_line(
     [
         (['{"id": 1, "prompt": "ok"}', "{not json"], 2, "not JSON"),
         (['{"id": 1, "prompt": "ok"}', "", '{"id": 3, "text": "no prompt"}'], 3, "string 'prompt'"),
+        (['{"id": 1, "prompt": "ok", "output": "mine"}'], 1, "would be overwritten"),
     ],
-    ids=["not-json", "missing-prompt"],
+    ids=["not-json", "missing-prompt", "reserved-field"],
 )
 def test_analyze_input_rejects_a_bad_line_by_number(
     residue_home_tmp: Path,
@@ -151,8 +152,9 @@ def test_analyze_input_rejects_a_bad_line_by_number(
     bad_line: int,
     needle: str,
 ) -> None:
-    """A malformed --input line (not JSON, or no string prompt) exits 2 with an error naming the file and
-    the line number (blank lines count), and writes no output file."""
+    """A malformed --input line (not JSON, no string prompt, or a field the analysis would overwrite)
+    exits 2 with an error naming the file and the line number (blank lines count), and writes no output
+    file."""
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(lines) + "\n")
     res = runner.invoke(_app(), _analyze_args(topk_clt[0], "--input", str(src), "--output", str(dst)))
