@@ -18,7 +18,8 @@ Hooks read the projections the model computes anyway (``q_proj`` / ``k_proj`` ou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -219,3 +220,95 @@ def attention_probs(acts: Activations) -> torch.Tensor:
     future = torch.arange(T_k)[None, :] > pos[:, None]  # (n, T_k)
     scores = scores.masked_fill(future, float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+@torch.inference_mode()
+def generate_and_capture(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    eos_ids: Iterable[int] = (),
+    decode_every: int = 16,
+) -> tuple[list[int], Activations, torch.Tensor]:
+    """Greedy generation with capture on the fly: the rows of ``sampled_rows`` are read while the model
+    runs (prefill, then one decode step per token, with a KV cache), as the live plugin reads them, so no
+    second forward pass replays the request.
+
+    Returns (generated tokens, a stop token included; the sampled rows' activations; (n, V) logits of
+    every generation step, row j chose token j: the output-only baselines' input).
+    """
+    if not prompt_ids:
+        raise InvalidInput("the prompt has no tokens")
+    if max_new_tokens < 1 or decode_every < 1:
+        raise InvalidInput(
+            f"max_new_tokens and decode_every must be ≥ 1, got {max_new_tokens}, {decode_every}"
+        )
+    cfg: Any = getattr(model, "config", None)
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(cfg.num_key_value_heads)
+    d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    layers = decoder_layers(model)
+    L = len(layers)
+    stop = set(eos_ids)
+    P = len(prompt_ids)
+    # Per forward: which rows of the chunk to keep (row index in the chunk → absolute position).
+    keep: dict[int, int] = {}
+    mlp: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # position → per-layer (x, y)
+    qs: dict[int, list[torch.Tensor]] = {}  # position → per-layer q (H, d_head)
+    ks: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer: chunks of (H_kv, t, d_head)
+
+    def grab(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        for r, pos in keep.items():
+            mlp.setdefault(pos, []).append((x[0, r].detach().float(), y[0, r].detach().float()))
+
+    # transformers ≥ 5.2x renamed the forward's ``past_key_values`` to ``cache`` (the old name warns).
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    store: dict[int, dict[str, Any]] = {}
+    tokens: list[int] = []
+    step_logits: list[torch.Tensor] = []
+    cache: Any = None
+    with mlp_hooks(model, on_output=grab), qk_hooks(model, store):
+        nxt = torch.tensor([list(prompt_ids)])
+        for j in range(max_new_tokens):
+            # Step j exists, so the previous step's row is not the final one: drop it unless sampled.
+            if j >= 2 and (j - 1) % decode_every:
+                del mlp[P - 2 + j], qs[P - 2 + j]
+            # Keep the row that picks token j: the prompt's last row at j = 0, else the step's only row.
+            keep.clear()
+            keep[P - 1 if j == 0 else 0] = P - 1 + j
+            out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache})
+            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+            t = nxt.shape[1]
+            for i in range(L):
+                slot = store[i]
+                cos, sin = (a[0] for a in slot["rope"])  # (t, d_head)
+                k = slot["k"][0].view(t, n_kv, d_head)
+                ks[i].append(apply_rope(k[None], cos, sin)[0].transpose(0, 1).float())  # (H_kv, t, d)
+                r = P - 1 if j == 0 else 0
+                q = slot["q"][0, r].view(1, n_heads, d_head)
+                qs.setdefault(P - 1 + j, []).append(
+                    apply_rope(q[None], cos[r : r + 1], sin[r : r + 1])[0, 0].float()
+                )
+            logits = out.logits[0, -1].float()
+            step_logits.append(logits)
+            tok = int(logits.argmax())
+            tokens.append(tok)
+            if tok in stop:
+                break
+            nxt = torch.tensor([[tok]])
+    rows = sampled_rows(P, len(tokens), decode_every)
+    positions = [p for p, _ in rows]
+    T_k = positions[-1] + 1
+    k_all = torch.stack([torch.cat(c, dim=1)[:, :T_k] for c in ks])  # (L, H_kv, T_k, d)
+    acts = Activations(
+        positions=tuple(positions),
+        phases=tuple(ph for _, ph in rows),
+        mlp_in=torch.stack([torch.stack([mlp[p][i][0] for p in positions]) for i in range(L)]),
+        mlp_out=torch.stack([torch.stack([mlp[p][i][1] for p in positions]) for i in range(L)]),
+        q=torch.stack([torch.stack([qs[p][i] for p in positions]) for i in range(L)]),
+        k=k_all,
+        logits=torch.stack([step_logits[p - (P - 1)] for p in positions]),
+        targets=torch.tensor([tokens[p - (P - 1)] for p in positions]),
+        attn_scale=float(getattr(layers[0].self_attn, "scaling", d_head**-0.5)),
+    )
+    return tokens, acts, torch.stack(step_logits)

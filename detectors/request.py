@@ -2,8 +2,9 @@
 
 Generation follows what a vLLM OpenAI chat request does by default here: the tokenizer's chat template
 with the generation prompt, greedy decoding (temperature 0), stop at EOS or after ``max_new_tokens``.
-The capture then replays prompt + output[:-1] once and samples the rows DESIGN.md §4 names, so the
-signature is the one the live plugin would ship for the same token ids.
+The rows DESIGN.md §4 names are captured while the model generates (prefill, then one cached decode
+step per token), as the live plugin captures them, so the signature is the one the plugin would ship for
+the same token ids, and no second forward pass replays the request.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from residue_monitor.detectors.base import DetectorResult
 from residue_monitor.detectors.baselines import Baselines, compute_baselines
-from residue_monitor.detectors.capture import capture, sampled_rows
+from residue_monitor.detectors.capture import generate_and_capture
 from residue_monitor.detectors.exceptions import InvalidInput
 from residue_monitor.detectors.signature import ResidueSignature, SignatureBuilder
 from residue_monitor.detectors.suite import run_detectors
@@ -112,14 +113,9 @@ def analyze_ids(
     gen = gen or GenerationConfig()
     if not ids:
         raise InvalidInput("the prompt has no tokens")
-    out = generate(model, tok, ids, gen.max_new_tokens)
     eos = _eos_ids(model, tok)
     P = len(ids)
-    rows = sampled_rows(P, len(out), gen.decode_every)
-    seq = list(ids) + out[:-1]
-    targets = [out[p - (P - 1)] for p, _ in rows]
-    acts, logits = capture(model, seq, rows, targets=targets, return_all_logits=True)
-    assert logits is not None
+    out, acts, step_logits = generate_and_capture(model, ids, gen.max_new_tokens, eos, gen.decode_every)
     stopped = bool(out) and out[-1] in eos
     content = [t for t in out if t not in eos]
     sig = builder.build(
@@ -136,7 +132,7 @@ def analyze_ids(
         output_text=tok.decode(content, skip_special_tokens=True),
         signature=sig,
         detectors=run_detectors(sig),
-        baselines=compute_baselines(logits, P, out),
+        baselines=compute_baselines(step_logits, 1, out),  # row j of step_logits chose token j
     )
 
 

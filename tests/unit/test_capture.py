@@ -475,3 +475,26 @@ def _assert_same_signature(a: ResidueSignature, b: ResidueSignature) -> None:
         assert (ra.position, ra.phase) == (rb.position, rb.phase)
         for name in ("feature_ids", "feature_values", "layer_stats", "heads", "logits"):
             np.testing.assert_array_equal(getattr(ra, name), getattr(rb, name), err_msg=name)
+
+
+@pytest.mark.parametrize(("n_new", "every"), [(1, 4), (2, 4), (9, 4), (12, 3)])
+def test_capture_during_generation_equals_generate_then_replay(tiny_hf, n_new: int, every: int) -> None:
+    """generate_and_capture (KV-cached decode, rows read on the fly, as the live plugin does) gives the
+    tokens of HF's own greedy generate() and, at every sampled row, the activations, q/K, logits and
+    targets that one replay forward over prompt + output[:-1] gives, to fp32 tolerance."""
+    from residue_monitor.detectors.capture import generate_and_capture
+    from residue_monitor.detectors.request import _eos_ids, generate, prompt_ids
+
+    model, tok = tiny_hf
+    ids = prompt_ids(tok, "What is the capital of France? the river key door")
+    out, acts, step_logits = generate_and_capture(model, ids, n_new, _eos_ids(model, tok), every)
+    assert out == generate(model, tok, ids, n_new)
+    rows = sampled_rows(len(ids), len(out), every)
+    assert list(zip(acts.positions, acts.phases, strict=True)) == rows
+    P = len(ids)
+    ref, all_logits = capture(model, [*ids, *out[:-1]], rows, return_all_logits=True)
+    assert all_logits is not None
+    for name in ("mlp_in", "mlp_out", "q", "k", "logits"):
+        torch.testing.assert_close(getattr(acts, name), getattr(ref, name), atol=1e-5, rtol=1e-5, msg=name)
+    assert acts.targets.tolist() == [out[p - (P - 1)] for p, _ in rows]
+    torch.testing.assert_close(step_logits, all_logits[P - 1 :], atol=1e-5, rtol=1e-5)
