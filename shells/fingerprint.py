@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from residue_monitor.detectors.attention import trapped_mass
+from residue_monitor.detectors.base import DetectorResult
 from residue_monitor.detectors.compare import compare_runs
 from residue_monitor.detectors.exceptions import ArtifactMismatch, InvalidInput
 from residue_monitor.detectors.signature import (
@@ -94,8 +95,9 @@ def _layer_block(row: RowSignature) -> F64:
     return np.concatenate(cols)
 
 
-def compact_vector(sig: ResidueSignature) -> F64:
-    """The compact statistics of ``sig`` (see ``compact_names``); NaN where a row is missing."""
+def compact_vector(sig: ResidueSignature, detectors: Mapping[str, DetectorResult] | None = None) -> F64:
+    """The compact statistics of ``sig`` (see ``compact_names``); NaN where a row is missing.
+    ``detectors``: the signature's detector results when already computed (the sidecar shares them)."""
     first = sig.row("prompt_last") or (sig.rows[0] if sig.rows else None)
     if first is None:
         raise InvalidInput("signature has no rows")
@@ -111,7 +113,7 @@ def compact_vector(sig: ResidueSignature) -> F64:
         )
     else:
         parts.append(np.full(6, np.nan))
-    det = run_detectors(sig)
+    det = run_detectors(sig) if detectors is None else detectors
     parts.append(np.array([det[d].score if d in det else np.nan for d in DETECTOR_NAMES]))
     parts.append(np.array([math.log1p(sig.output_tokens), float(sig.empty_output)]))
     v = np.concatenate(parts)
@@ -215,8 +217,10 @@ class Fingerprint:
                 f"fingerprint {self.name} expects {self.n_layers} layers, got {sig.n_layers}"
             )
 
-    def inputs(self, sig: ResidueSignature) -> F64:
-        return np.concatenate([compact_vector(sig), sparse_vector(sig, self.sparse_keys)])
+    def inputs(self, sig: ResidueSignature, compact: F64 | None = None) -> F64:
+        """[compact | sparse] inputs of ``sig``; ``compact``: ``compact_vector(sig)`` when already known."""
+        c = compact_vector(sig) if compact is None else compact
+        return np.concatenate([c, sparse_vector(sig, self.sparse_keys)])
 
     def score_inputs(self, X: F64) -> F64:
         """Probabilities for raw input rows X (n, d) (NaN inputs count as the training mean)."""
@@ -224,10 +228,10 @@ class Fingerprint:
         z = np.clip(Z @ self.weights + self.bias, -30, 30)
         return 1 / (1 + np.exp(-z))
 
-    def score(self, sig: ResidueSignature) -> float:
-        """Probability that ``sig`` belongs to the fingerprinted family."""
+    def score(self, sig: ResidueSignature, compact: F64 | None = None) -> float:
+        """Probability that ``sig`` belongs to the fingerprinted family (``compact`` as in ``inputs``)."""
         self.check(sig)
-        return float(self.score_inputs(self.inputs(sig)[None, :])[0])
+        return float(self.score_inputs(self.inputs(sig, compact)[None, :])[0])
 
     def matches(self, sig: ResidueSignature) -> tuple[float, bool]:
         s = self.score(sig)

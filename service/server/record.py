@@ -17,7 +17,7 @@ import numpy as np
 from residue_monitor.detectors.signature import ERROR_RATIO, L0, MASS
 from residue_monitor.service.server.events import AssembledRequest, Frame
 from residue_monitor.service.server.residue import to_signature
-from residue_monitor.service.server.scoring import DetectorResult, Registry, Scorer
+from residue_monitor.service.server.scoring import DetectorResult, Registry, Scorer, SignatureView
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +109,13 @@ def score_request(
     results: list[DetectorResult] = []
     matches: list[Match] = []
     start = request.start
-    sig = to_signature(request, n_layers)
+    view = SignatureView(to_signature(request, n_layers))
     for scorer in scorers:
         info = scorer.info
         if not info.applies_to(start.model, start.clt_id):
             continue
         try:
-            result = scorer.score(request, sig)
+            result = scorer.score(request, view)
         except Exception:
             logger.exception(
                 "scorer %r failed on request %r; left out of its record", info.name, start.request_id

@@ -15,22 +15,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from residue_monitor.detectors.base import DetectorResult
 from residue_monitor.detectors.exceptions import InvalidInput
 from residue_monitor.detectors.registry import Registry
 from residue_monitor.detectors.signature import ERROR_RATIO, ResidueSignature
-from residue_monitor.detectors.suite import Detector, detector_registry
+from residue_monitor.detectors.suite import detector_registry, run_detectors
 from residue_monitor.service.server.config import ServerConfig
 from residue_monitor.service.server.events import AssembledRequest
-from residue_monitor.shells.fingerprint import Fingerprint, load_fingerprints
+from residue_monitor.shells.fingerprint import Fingerprint, compact_vector, load_fingerprints
 
-__all__ = ["DetectorResult", "Registry", "Scorer", "ScorerInfo"]
+__all__ = ["DetectorResult", "Registry", "Scorer", "ScorerInfo", "SignatureView"]
 
 T = TypeVar("T")
 
@@ -57,6 +59,22 @@ class ScorerInfo:
         return (not self.model or self.model == model) and (not self.clt_id or self.clt_id == clt_id)
 
 
+class SignatureView:
+    """A request's signature plus what several scorers read, computed once per request: every detector's
+    result (fingerprints use the scores as inputs) and the fingerprints' compact statistics."""
+
+    def __init__(self, sig: ResidueSignature) -> None:
+        self.sig = sig
+
+    @cached_property
+    def detectors(self) -> dict[str, DetectorResult]:
+        return run_detectors(self.sig) if self.sig.rows else {}
+
+    @cached_property
+    def compact(self) -> npt.NDArray[np.float64]:
+        return compact_vector(self.sig, self.detectors)
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """Scores an assembled request; must be pure, cheap (milliseconds) and never raise on valid input."""
@@ -64,9 +82,9 @@ class Scorer(Protocol):
     @property
     def info(self) -> ScorerInfo: ...
 
-    def score(self, request: AssembledRequest, sig: ResidueSignature) -> DetectorResult | None:
+    def score(self, request: AssembledRequest, view: SignatureView) -> DetectorResult | None:
         """The result, or None when the request lacks what the scorer needs (e.g. no prompt frame).
-        ``sig`` is the request's signature (``residue.to_signature``), built once for all scorers."""
+        ``view`` holds the request's signature (``residue.to_signature``), built once for all scorers."""
         ...
 
 
@@ -90,7 +108,7 @@ class PromptErrorRatio:
     def info(self) -> ScorerInfo:
         return self._info
 
-    def score(self, request: AssembledRequest, sig: ResidueSignature) -> DetectorResult | None:
+    def score(self, request: AssembledRequest, view: SignatureView) -> DetectorResult | None:
         frame = next((f for f in request.frames if f.phase == "prompt_last"), None)
         if frame is None:
             return None
@@ -105,18 +123,18 @@ class PromptErrorRatio:
 
 
 class DetectorScorer:
-    """One residue detector of ``detectors/`` (a score, never a flag)."""
+    """One residue detector of ``detectors/`` (a score, never a flag); the view runs every detector once."""
 
-    def __init__(self, name: str, fn: Detector, description: str) -> None:
-        self._fn = fn
+    def __init__(self, name: str, description: str) -> None:
+        detector_registry().get(name)  # an unknown name raises, listing the known ones
         self._info = ScorerInfo(name=name, description=description)
 
     @property
     def info(self) -> ScorerInfo:
         return self._info
 
-    def score(self, request: AssembledRequest, sig: ResidueSignature) -> DetectorResult | None:
-        return self._fn(sig) if sig.rows else None
+    def score(self, request: AssembledRequest, view: SignatureView) -> DetectorResult | None:
+        return view.detectors.get(self._info.name)
 
 
 class FingerprintScorer:
@@ -138,10 +156,11 @@ class FingerprintScorer:
     def info(self) -> ScorerInfo:
         return self._info
 
-    def score(self, request: AssembledRequest, sig: ResidueSignature) -> DetectorResult | None:
+    def score(self, request: AssembledRequest, view: SignatureView) -> DetectorResult | None:
+        sig = view.sig
         if not sig.rows or sig.n_layers != self.fingerprint.n_layers:
             return None
-        return DetectorResult(self._info.name, self.fingerprint.score(sig))
+        return DetectorResult(self._info.name, self.fingerprint.score(sig, view.compact))
 
 
 DETECTOR_DESCRIPTIONS = {
@@ -152,7 +171,7 @@ DETECTOR_DESCRIPTIONS = {
 
 
 def _detector_factory(name: str) -> Callable[[ServerConfig], Scorer]:
-    return lambda cfg: DetectorScorer(name, detector_registry().get(name), DETECTOR_DESCRIPTIONS[name])
+    return lambda cfg: DetectorScorer(name, DETECTOR_DESCRIPTIONS[name])
 
 
 ScorerFactory = Callable[[ServerConfig], Scorer]
