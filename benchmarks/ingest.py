@@ -2,6 +2,7 @@
 server and RedisStore → benchmarks/results/ingest.json.
 
     python -m benchmarks.ingest [--frames 200000] [--records 100000] [--redis-url URL] [--heads]
+                                [--fingerprints FILE]
 
 Frames are SmolLM2-sized (30 layers × top-32 of 1536 features, 8 frames a request: PROMPT_LAST, 6 DECODE,
 FINAL) with synthetic but well-formed values; ``--heads`` adds 9 HeadStats per layer as the plugin will.
@@ -9,6 +10,9 @@ The load comes from a separate client process over loopback, sending pre-seriali
 Ingest stream (one plugin worker). Redis is the local one on 127.0.0.1:6379 when it answers, else a
 private redis-server; everything is written under a throw-away tenant that is deleted afterwards.
 GetResidue latency is measured sequentially, from the client process, over ``--records`` stored records.
+Every request is scored as in production: the residue detectors, ``prompt_error_ratio`` and the
+fingerprints of ``--fingerprints`` (default: the SmolLM2 fingerprints ``residue shells run`` wrote, when
+they exist); the frames then carry those fingerprints' CLT id so that every fingerprint applies.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ INGEST = "/residue.v1.ResidueService/Ingest"
 GET = "/residue.v1.ResidueService/GetResidue"
 
 
-def synthetic_request(rid: str, tenant: str, rng: np.random.Generator, heads: bool) -> list[bytes]:
+def synthetic_request(
+    rid: str, tenant: str, rng: np.random.Generator, heads: bool, clt_id: str = "bench"
+) -> list[bytes]:
     """Serialized IngestMessages of one request with SmolLM2-shaped frames."""
     from residue_monitor.service._proto import residue_pb2 as pb
     from residue_monitor.service.frames import frame_message, pack_ids, pack_values
 
-    start = pb.RequestStart(request_id=rid, model="SmolLM2-135M-Instruct", clt_id="bench", tenant=tenant,
+    start = pb.RequestStart(request_id=rid, model="SmolLM2-135M-Instruct", clt_id=clt_id, tenant=tenant,
                             prompt_tokens=120)  # fmt: skip
     start.start_time.FromNanoseconds(time.time_ns())
     msgs = [pb.IngestMessage(start=start)]
@@ -74,14 +80,14 @@ def synthetic_request(rid: str, tenant: str, rng: np.random.Generator, heads: bo
     return [m.SerializeToString() for m in msgs]
 
 
-def _ingest_client(addr: str, n_requests: int, tenant: str, heads: bool, out: Any) -> None:
+def _ingest_client(addr: str, n_requests: int, tenant: str, heads: bool, clt_id: str, out: Any) -> None:
     """Client process: build the messages, then time one Ingest stream carrying all of them."""
     import grpc
 
     from residue_monitor.service._proto import residue_pb2 as pb
 
     rng = np.random.default_rng(0)
-    template = [synthetic_request(f"t{i}", tenant, rng, heads) for i in range(16)]
+    template = [synthetic_request(f"t{i}", tenant, rng, heads, clt_id) for i in range(16)]
     msgs: list[bytes] = []
     for i in range(n_requests):
         msgs += _renamed(template[i % len(template)], f"bench-{i}")
@@ -171,18 +177,22 @@ async def _bench(args: argparse.Namespace, url: str, tenant: str) -> dict[str, A
     from residue_monitor.service._proto import residue_pb2 as pb
     from residue_monitor.service.server import ServerConfig, Sidecar
     from residue_monitor.service.store import RedisStore
+    from residue_monitor.shells.fingerprint import load_fingerprints
 
     store = RedisStore.from_url(url, backlog_max=max(args.records, 10_000))
+    fps = load_fingerprints(args.fingerprints) if args.fingerprints else []
+    clt_id = fps[0].clt_id if fps else "bench"
     cfg = ServerConfig(
-        host="127.0.0.1", port=0, metrics_port=-1, drain_delay_s=0.0, max_message_bytes=16 << 20
-    )
+        host="127.0.0.1", port=0, metrics_port=-1, drain_delay_s=0.0, max_message_bytes=16 << 20,
+        fingerprints_path=str(args.fingerprints or ""),
+    )  # fmt: skip
     sidecar = Sidecar(cfg, store=store)
     await sidecar.start()
     addr = f"127.0.0.1:{sidecar.port}"
     n_requests = max(1, args.frames // FRAMES_PER_REQUEST)
     try:
         elapsed, frames, ended, msg_bytes = await asyncio.to_thread(
-            _run_client, _ingest_client, addr, n_requests, tenant, args.heads
+            _run_client, _ingest_client, addr, n_requests, tenant, args.heads, clt_id
         )
         assert ended == n_requests, (ended, n_requests)
         template = await store.get_record("bench-0", tenant)
@@ -224,7 +234,16 @@ async def _bench(args: argparse.Namespace, url: str, tenant: str) -> dict[str, A
         "fill_records_per_second": (len(ids) - n_requests) / fill_s if len(ids) > n_requests else None,
         "frame_shape": {"layers": N_LAYERS, "top_k": K, "n_features": N_FEATURES},
         "redis": url.rsplit("@", maxsplit=1)[-1],
+        "scorers": list(sidecar.scorers.names()),
+        "fingerprints": len(fps),
     }
+
+
+def _default_fingerprints() -> Path | None:
+    from residue_monitor.service.models import residue_home
+
+    found = sorted((residue_home() / "fingerprints").glob("SmolLM2-*.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def _cleanup(url: str, tenant: str) -> None:
@@ -244,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=2000, help="GetResidue calls timed")
     ap.add_argument("--heads", action="store_true", help="also send 270 HeadStats per frame")
     ap.add_argument("--redis-url", default="", help="default: 127.0.0.1:6379 if it answers, else private")
+    ap.add_argument("--fingerprints", type=Path, default=None, help="default: SmolLM2's, when present")
     ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
     args = ap.parse_args(argv)
+    if args.fingerprints is None:
+        args.fingerprints = _default_fingerprints()
     from residue_monitor.service.training import machine_info, write_json
 
     url, proc = _redis_url(args.redis_url)
