@@ -2,7 +2,7 @@
 server and RedisStore → benchmarks/results/ingest.json.
 
     python -m benchmarks.ingest [--frames 200000] [--records 100000] [--redis-url URL] [--heads]
-                                [--fingerprints FILE]
+                                [--fingerprints FILE] [--per-layer]
 
 Frames are SmolLM2-sized (30 layers × top-32 of 1536 features, 8 frames a request: PROMPT_LAST, 6 DECODE,
 FINAL) with synthetic but well-formed values; ``--heads`` adds 9 HeadStats per layer as the plugin will.
@@ -41,9 +41,10 @@ GET = "/residue.v1.ResidueService/GetResidue"
 
 
 def synthetic_request(
-    rid: str, tenant: str, rng: np.random.Generator, heads: bool, clt_id: str = "bench"
+    rid: str, tenant: str, rng: np.random.Generator, heads: bool, clt_id: str = "bench", packed: bool = True
 ) -> list[bytes]:
-    """Serialized IngestMessages of one request with SmolLM2-shaped frames."""
+    """Serialized IngestMessages of one request with SmolLM2-shaped frames (PackedResidue, as the plugin
+    sends them, or per-layer LayerResidue messages)."""
     from residue_monitor.service._proto import residue_pb2 as pb
     from residue_monitor.service.frames import frame_message, pack_ids, pack_values
 
@@ -71,7 +72,11 @@ def synthetic_request(
                                            self_frac=f[0], local_frac=f[1], sink_frac=f[2], top_span_start=3,
                                            top_span_len=4, top_span_mass=f[3]))  # fmt: skip
         logits = pb.LogitStats(entropy=2.0, top1_prob=0.4, margin=0.1, eos_prob=0.01)
-        msgs.append(frame_message(rid, 119 + seq * 16, phase, seq, layers, logits, hs))  # type: ignore[arg-type]
+        if packed:
+            body = _pack(layers, hs)
+            msgs.append(frame_message(rid, 119 + seq * 16, phase, seq, body, logits))  # type: ignore[arg-type]
+        else:
+            msgs.append(frame_message(rid, 119 + seq * 16, phase, seq, layers, logits, hs))  # type: ignore[arg-type]
     end = pb.RequestEnd(
         request_id=rid, finish_reason=pb.FINISH_REASON_STOP, prompt_tokens=120, output_tokens=100
     )
@@ -80,14 +85,33 @@ def synthetic_request(
     return [m.SerializeToString() for m in msgs]
 
 
-def _ingest_client(addr: str, n_requests: int, tenant: str, heads: bool, clt_id: str, out: Any) -> None:
+def _pack(layers: list[Any], heads: list[Any]) -> Any:
+    """The same numbers as a PackedResidue."""
+    from residue_monitor.service._proto import residue_pb2 as pb
+
+    stats = [(x.error_ratio, x.l0, x.mass, x.in_norm, x.out_norm, x.unreached) for x in layers]
+    hs = [(x.layer, x.head, x.entropy, x.self_frac, x.local_frac, x.sink_frac, x.top_span_start,
+           x.top_span_len, x.top_span_mass) for x in heads]  # fmt: skip
+    return pb.PackedResidue(
+        layer_ids=np.array([x.layer for x in layers], dtype="<i4").tobytes(),
+        feature_counts=np.array([len(x.feature_ids) // 4 for x in layers], dtype="<i4").tobytes(),
+        feature_ids=b"".join(x.feature_ids for x in layers),
+        feature_values=b"".join(x.feature_values for x in layers),
+        layer_stats=np.array(stats, dtype="<f4").tobytes(),
+        head_stats=np.array(hs, dtype="<f4").tobytes() if hs else b"",
+    )
+
+
+def _ingest_client(
+    addr: str, n_requests: int, tenant: str, heads: bool, clt_id: str, packed: bool, out: Any
+) -> None:
     """Client process: build the messages, then time one Ingest stream carrying all of them."""
     import grpc
 
     from residue_monitor.service._proto import residue_pb2 as pb
 
     rng = np.random.default_rng(0)
-    template = [synthetic_request(f"t{i}", tenant, rng, heads, clt_id) for i in range(16)]
+    template = [synthetic_request(f"t{i}", tenant, rng, heads, clt_id, packed) for i in range(16)]
     msgs: list[bytes] = []
     for i in range(n_requests):
         msgs += _renamed(template[i % len(template)], f"bench-{i}")
@@ -192,7 +216,7 @@ async def _bench(args: argparse.Namespace, url: str, tenant: str) -> dict[str, A
     n_requests = max(1, args.frames // FRAMES_PER_REQUEST)
     try:
         elapsed, frames, ended, msg_bytes = await asyncio.to_thread(
-            _run_client, _ingest_client, addr, n_requests, tenant, args.heads, clt_id
+            _run_client, _ingest_client, addr, n_requests, tenant, args.heads, clt_id, not args.per_layer
         )
         assert ended == n_requests, (ended, n_requests)
         template = await store.get_record("bench-0", tenant)
@@ -235,6 +259,7 @@ async def _bench(args: argparse.Namespace, url: str, tenant: str) -> dict[str, A
         "frame_shape": {"layers": N_LAYERS, "top_k": K, "n_features": N_FEATURES},
         "redis": url.rsplit("@", maxsplit=1)[-1],
         "scorers": list(sidecar.scorers.names()),
+        "frame_form": "per-layer LayerResidue" if args.per_layer else "PackedResidue",
         "fingerprints": len(fps),
     }
 
@@ -263,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=2000, help="GetResidue calls timed")
     ap.add_argument("--heads", action="store_true", help="also send 270 HeadStats per frame")
     ap.add_argument("--redis-url", default="", help="default: 127.0.0.1:6379 if it answers, else private")
+    ap.add_argument("--per-layer", action="store_true", help="send LayerResidue messages, not PackedResidue")
     ap.add_argument("--fingerprints", type=Path, default=None, help="default: SmolLM2's, when present")
     ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
     args = ap.parse_args(argv)

@@ -88,20 +88,40 @@ def head_stats(row: RowSignature) -> list[pb.HeadStats]:
     return out
 
 
+def packed_residue(row: RowSignature) -> pb.PackedResidue:
+    """A signature row's layers and heads as one PackedResidue (only active features are sent)."""
+    active = row.feature_values > 0  # (L, k)
+    L, H = row.n_layers, row.heads.shape[1]
+    heads = np.empty((L, H, 9), dtype="<f4")
+    heads[..., 0] = np.arange(L)[:, None]
+    heads[..., 1] = np.arange(H)[None, :]
+    heads[..., 2:] = row.heads
+    return pb.PackedResidue(
+        layer_ids=np.arange(L, dtype="<i4").tobytes(),
+        feature_counts=active.sum(-1).astype("<i4").tobytes(),
+        feature_ids=pack_ids(row.feature_ids[active]),  # row-major: layer order, strongest first
+        feature_values=pack_values(row.feature_values[active]),
+        layer_stats=np.ascontiguousarray(row.layer_stats, dtype="<f4").tobytes(),
+        head_stats=heads.reshape(-1, 9).tobytes() if H else b"",
+    )
+
+
 def frame_message(
     request_id: str,
     position: int,
     phase: Phase,
     sequence: int,
-    layers: Sequence[pb.LayerResidue],
+    layers: Sequence[pb.LayerResidue] | pb.PackedResidue,
     logits: pb.LogitStats | None = None,
     heads: Sequence[pb.HeadStats] = (),
 ) -> pb.IngestMessage:
-    """An IngestMessage carrying one ResidueFrame."""
-    f = pb.ResidueFrame(
-        request_id=request_id, position=position, phase=PHASE_PROTO[phase], sequence=sequence, layers=layers
-    )
-    f.heads.extend(heads)
+    """An IngestMessage carrying one ResidueFrame: per-layer messages, or one PackedResidue."""
+    f = pb.ResidueFrame(request_id=request_id, position=position, phase=PHASE_PROTO[phase], sequence=sequence)
+    if isinstance(layers, pb.PackedResidue):
+        f.packed.CopyFrom(layers)
+    else:
+        f.layers.extend(layers)
+        f.heads.extend(heads)
     if logits is not None:
         f.logits.CopyFrom(logits)
     return pb.IngestMessage(frame=f)
@@ -114,16 +134,23 @@ def signature_messages(
     tenant: str = "",
     start_time: float | None = None,
     end_time: float | None = None,
+    packed: bool = True,
 ) -> list[pb.IngestMessage]:
-    """A signature as the IngestMessages of one request, in order: start, one frame per row, end."""
+    """A signature as the IngestMessages of one request, in order: start, one frame per row, end.
+    ``packed``: frames carry a PackedResidue (what the plugin sends) rather than per-layer messages."""
     start = pb.RequestStart(request_id=request_id, model=sig.model, clt_id=sig.clt_id, tenant=tenant,
                             prompt_tokens=sig.prompt_tokens)  # fmt: skip
     if start_time is not None:
         start.start_time.FromNanoseconds(round(start_time * 1e9))
     msgs = [pb.IngestMessage(start=start)]
     for i, row in enumerate(sig.rows):
-        msgs.append(frame_message(request_id, row.position, row.phase, i, layer_residues(row),
-                                  logit_stats(row), head_stats(row)))  # fmt: skip
+        if packed:
+            msgs.append(
+                frame_message(request_id, row.position, row.phase, i, packed_residue(row), logit_stats(row))
+            )
+        else:
+            msgs.append(frame_message(request_id, row.position, row.phase, i, layer_residues(row),
+                                      logit_stats(row), head_stats(row)))  # fmt: skip
     end = pb.RequestEnd(
         request_id=request_id,
         finish_reason=pb.FINISH_REASON_STOP if sig.stopped else pb.FINISH_REASON_LENGTH,
@@ -152,6 +179,7 @@ def request_messages(
     decode_every: int = 4,
     k: int = 32,
     heads: bool = True,
+    packed: bool = True,
 ) -> list[pb.IngestMessage]:
     """Generate greedily from ``prompt`` with an HF causal LM, read its signature on the reference path
     (``detectors.request``) and return the request's IngestMessages, as the plugin would send them."""
@@ -160,5 +188,5 @@ def request_messages(
     gen = GenerationConfig(max_new_tokens=max_new_tokens, decode_every=decode_every)
     analysis = analyze_prompt(model, tok, builder, prompt, gen)
     return signature_messages(
-        analysis.signature, request_id, tenant=tenant, start_time=t_start, end_time=time.time()
+        analysis.signature, request_id, tenant=tenant, start_time=t_start, end_time=time.time(), packed=packed
     )

@@ -96,7 +96,7 @@ class RequestStart(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., clt_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., token_ids_opted_in: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ResidueFrame(_message.Message):
-    __slots__ = ("request_id", "position", "phase", "sequence", "layers", "heads", "logits")
+    __slots__ = ("request_id", "position", "phase", "sequence", "layers", "heads", "logits", "packed")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class ResidueFrame(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     phase: Phase
@@ -111,7 +112,24 @@ class ResidueFrame(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[LayerResidue]
     heads: _containers.RepeatedCompositeFieldContainer[HeadStats]
     logits: LogitStats
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., sequence: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerResidue, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[HeadStats, _Mapping]]] = ..., logits: _Optional[_Union[LogitStats, _Mapping]] = ...) -> None: ...
+    packed: PackedResidue
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., sequence: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerResidue, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[HeadStats, _Mapping]]] = ..., logits: _Optional[_Union[LogitStats, _Mapping]] = ..., packed: _Optional[_Union[PackedResidue, _Mapping]] = ...) -> None: ...
+
+class PackedResidue(_message.Message):
+    __slots__ = ("layer_ids", "feature_counts", "feature_ids", "feature_values", "layer_stats", "head_stats")
+    LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_IDS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_VALUES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STATS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_STATS_FIELD_NUMBER: _ClassVar[int]
+    layer_ids: bytes
+    feature_counts: bytes
+    feature_ids: bytes
+    feature_values: bytes
+    layer_stats: bytes
+    head_stats: bytes
+    def __init__(self, layer_ids: _Optional[bytes] = ..., feature_counts: _Optional[bytes] = ..., feature_ids: _Optional[bytes] = ..., feature_values: _Optional[bytes] = ..., layer_stats: _Optional[bytes] = ..., head_stats: _Optional[bytes] = ...) -> None: ...
 
 class LayerResidue(_message.Message):
     __slots__ = ("layer", "feature_ids", "feature_values", "l0", "mass", "error_ratio", "in_norm", "out_norm", "unreached")

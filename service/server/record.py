@@ -20,6 +20,9 @@ from residue_monitor.service.server.residue import to_signature
 from residue_monitor.service.server.scoring import DetectorResult, Registry, Scorer, SignatureView
 
 logger = logging.getLogger(__name__)
+SCORED_PHASES = ("prompt_last", "final")
+"""The rows detectors and fingerprints read (``detectors/``, ``shells/fingerprint.py``); DECODE rows only
+feed the per-layer summaries, so the signature the scorers see is built from these two alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,13 @@ def summarize(frames: Sequence[Frame]) -> Summary:
     """Per-layer means of error ratio, L0 and mass; a layer missing from some frames averages the rest."""
     if not frames:
         return Summary((), 0)
+    first = frames[0].layers
+    if all(np.array_equal(f.layers, first) for f in frames[1:]):
+        # Every frame carries the same layers (what the plugin sends): one mean over a stacked array.
+        m = np.mean([f.layer_stats[:, [ERROR_RATIO, L0, MASS]] for f in frames], axis=0).tolist()  # (L, 3)
+        return Summary(
+            tuple(LayerSummary(int(i), *v) for i, v in zip(first.tolist(), m, strict=True)), len(frames)
+        )
     layers = np.concatenate([f.layers for f in frames])  # (sum L,)
     stats = np.concatenate([f.layer_stats[:, [ERROR_RATIO, L0, MASS]] for f in frames])  # (sum L, 3)
     ids, inverse = np.unique(layers, return_inverse=True)
@@ -95,6 +105,11 @@ def head_entropy_means(frames: Sequence[Frame]) -> tuple[float, ...]:
     heads = [f.head_stats for f in frames if len(f.head_stats)]
     if not heads:
         return ()
+    if all(h.shape == heads[0].shape and np.array_equal(h[:, :2], heads[0][:, :2]) for h in heads[1:]):
+        # The same (layer, head) grid in every frame, sorted as the plugin sends it: a plain mean.
+        keys = heads[0][:, 0] * 65536 + heads[0][:, 1]
+        if keys.size < 2 or bool((np.diff(keys) > 0).all()):
+            return tuple(np.mean([h[:, 2] for h in heads], axis=0).tolist())
     h = np.concatenate(heads)  # (sum H, 9): layer, head, entropy, …
     _, inverse = np.unique(h[:, 0] * 65536 + h[:, 1], return_inverse=True)
     means = np.bincount(inverse, weights=h[:, 2]) / np.bincount(inverse)
@@ -109,7 +124,7 @@ def score_request(
     results: list[DetectorResult] = []
     matches: list[Match] = []
     start = request.start
-    view = SignatureView(to_signature(request, n_layers))
+    view = SignatureView(to_signature(request, n_layers, SCORED_PHASES))
     for scorer in scorers:
         info = scorer.info
         if not info.applies_to(start.model, start.clt_id):

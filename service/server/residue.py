@@ -9,6 +9,8 @@ the frame's heads do not form a complete (layer, head) grid.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
 from residue_monitor.detectors.signature import (
@@ -34,11 +36,12 @@ def row_of(frame: Frame, n_layers: int) -> RowSignature:
     ids = np.zeros((n_layers, k), dtype=np.int32)
     vals = np.zeros((n_layers, k), dtype=np.float32)
     stats = np.full((n_layers, len(LAYER_STAT_NAMES)), np.nan, dtype=np.float32)
-    for j, layer in enumerate(frame.layers.tolist()):
-        a, b = int(frame.feature_offsets[j]), int(frame.feature_offsets[j + 1])
-        ids[layer, : b - a] = frame.feature_ids[a:b]
-        vals[layer, : b - a] = frame.feature_values[a:b]
-        stats[layer] = frame.layer_stats[j]
+    # Scatter the ragged per-layer features into the padded (L, k) arrays in one indexing step.
+    rows = np.repeat(frame.layers, counts)  # (N,) layer of each feature
+    cols = np.arange(frame.feature_ids.shape[0]) - np.repeat(frame.feature_offsets[:-1], counts)  # slot
+    ids[rows, cols] = frame.feature_ids
+    vals[rows, cols] = frame.feature_values
+    stats[frame.layers] = frame.layer_stats
     heads = np.zeros((n_layers, 0, len(HEAD_STAT_NAMES)), dtype=np.float32)
     h = frame.head_stats
     if len(h):
@@ -59,9 +62,14 @@ def row_of(frame: Frame, n_layers: int) -> RowSignature:
     )
 
 
-def to_signature(request: AssembledRequest, n_layers: int | None = None) -> ResidueSignature:
-    """The request's signature; ``n_layers``: the transcoder's layer count (default: from the frames)."""
+def to_signature(
+    request: AssembledRequest, n_layers: int | None = None, phases: Collection[str] | None = None
+) -> ResidueSignature:
+    """The request's signature; ``n_layers``: the transcoder's layer count (default: from the frames);
+    ``phases``: only rows of these phases (the scorers read PROMPT_LAST and FINAL only)."""
     frames = sorted(request.frames, key=lambda f: (f.position, f.sequence))
+    if phases is not None:
+        frames = [f for f in frames if f.phase in phases]
     if n_layers is None:
         n_layers = max((int(f.layers.max()) + 1 for f in frames if f.layers.size), default=0)
     rows: list[RowSignature] = []

@@ -156,14 +156,71 @@ def check_frame(f: pb.ResidueFrame, limits: FrameLimits) -> Frame:
     phase = PHASE_OF.get(f.phase)
     if phase is None:
         raise bad(f"phase {f.phase} is not PHASE_PROMPT_LAST, PHASE_DECODE or PHASE_FINAL")
+    if f.HasField("packed"):
+        if f.layers or f.heads:
+            raise bad("set either layers/heads or packed, not both")
+        layers, stats, counts, ids, vals, heads = _unpack(f.packed, limits, bad)
+    else:
+        layers, stats, counts, ids, vals = _read_layers(f, limits, bad)
+        heads = _check_heads(f, limits, bad)
+    layer_ids = layers.tolist()
+    if layer_ids and layer_ids[-1] >= limits.n_layers:
+        n_l = limits.n_layers
+        raise bad(f"layer {layer_ids[-1]} is outside the transcoder's {n_l} layers (0..{n_l - 1})")
+    lo, hi = stats.min(axis=0).tolist(), stats.max(axis=0).tolist()  # NaN and ±inf show up in these
+    if not all(map(math.isfinite, lo + hi)):
+        i, j = map(int, np.argwhere(~np.isfinite(stats))[0])
+        name = LAYER_STAT_NAMES[j]
+        raise bad(f"layer {layer_ids[i]} {name} is {stats[i, j]}: statistics must be finite numbers")
+    if min(lo[0], lo[3], lo[4]) < 0:
+        raise bad("error_ratio, in_norm and out_norm must be >= 0")
+    if lo[5] < 0 or hi[5] > 1:
+        raise bad(f"unreached must be a fraction in [0, 1], got {lo[5]}..{hi[5]}")
+    if limits.n_features is not None and hi[1] > limits.n_features:
+        raise bad(f"l0 {int(hi[1])} exceeds the transcoder's {limits.n_features} features")
+    widest = int(counts.max())
+    if widest > limits.max_features_per_layer:
+        i = int(np.argmax(counts))
+        raise bad(
+            f"layer {layer_ids[i]} carries {widest} features; at most {limits.max_features_per_layer} "
+            "(RESIDUE_MAX_FEATURES_PER_LAYER)",
+            R.REJECT_REASON_TOO_LARGE,
+        )
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # (L + 1,)
+    if ids.size:
+        top = limits.n_features
+        if int(ids.min()) < 0 or (top is not None and int(ids.max()) >= top):
+            out = (ids < 0) if top is None else ((ids < 0) | (ids >= top))
+            k = int(np.argmax(out))
+            layer = layer_ids[int(np.searchsorted(offsets, k, side="right")) - 1]
+            allowed = ">= 0" if top is None else f"in 0..{top - 1} (the transcoder's n_features)"
+            raise bad(f"layer {layer} feature id {ids[k]} is out of range: ids must be {allowed}")
+        if not math.isfinite(float(vals.sum(dtype=np.float64))) and not np.isfinite(vals).all():
+            k = int(np.argmax(~np.isfinite(vals)))
+            layer = layer_ids[int(np.searchsorted(offsets, k, side="right")) - 1]
+            raise bad(f"layer {layer} feature value {vals[k]} is not finite")
+    logits = None
+    if f.HasField("logits"):
+        lg = (f.logits.entropy, f.logits.top1_prob, f.logits.margin, f.logits.eos_prob)
+        if not all(map(math.isfinite, lg)) or lg[0] < 0 or not all(0.0 <= p <= 1.0 for p in lg[1:]):
+            raise bad(f"logits {lg} invalid: entropy must be finite >= 0, probabilities in [0, 1]")
+        logits = (float(lg[0]), float(lg[1]), float(lg[2]), float(lg[3]))
+    for a in (layers, stats, offsets, ids, vals, heads):
+        a.flags.writeable = False
+    return Frame(rid, f.position, phase, f.sequence, layers, stats, offsets, ids, vals, heads, logits)
+
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _read_layers(f: pb.ResidueFrame, limits: FrameLimits, bad: Callable[..., Rejected]) -> Arrays:
+    """(layer ids, (L, 6) stats, (L,) feature counts, (N,) ids, (N,) values) of repeated LayerResidue."""
     n = len(f.layers)
     if n == 0:
-        raise bad("no layers: a frame carries one LayerResidue per transcoder layer")
+        raise bad("no layers: a frame carries one LayerResidue per transcoder layer (or packed)")
     if n > limits.n_layers:
         raise bad(f"{n} layers; the transcoder has {limits.n_layers}", R.REJECT_REASON_TOO_LARGE)
-
-    # One pass over the repeated field (element access is the costly part), then a few whole-array
-    # reductions; the slower search for *which* value is wrong only runs once something is.
+    # One pass over the repeated field (element access is the costly part), then whole-array checks.
     raw: list[tuple[float, float, float, float, float, float]] = []
     layer_ids: list[int] = []
     ids_b: list[bytes] = []
@@ -178,22 +235,6 @@ def check_frame(f: pb.ResidueFrame, limits: FrameLimits) -> Frame:
         raw.append((x.error_ratio, x.l0, x.mass, x.in_norm, x.out_norm, x.unreached))
         ids_b.append(x.feature_ids)
         vals_b.append(x.feature_values)
-    if prev >= limits.n_layers:
-        n_l = limits.n_layers
-        raise bad(f"layer {prev} is outside the transcoder's {n_l} layers (0..{n_l - 1})")
-    stats = np.array(raw)  # (L, 6): error_ratio, l0, mass, in_norm, out_norm, unreached
-    lo, hi = stats.min(axis=0).tolist(), stats.max(axis=0).tolist()  # NaN and ±inf show up in these
-    if not all(map(math.isfinite, lo + hi)):
-        i, j = map(int, np.argwhere(~np.isfinite(stats))[0])
-        name = LAYER_STAT_NAMES[j]
-        raise bad(f"layer {layer_ids[i]} {name} is {stats[i, j]}: statistics must be finite numbers")
-    if min(lo[0], lo[3], lo[4]) < 0:
-        raise bad("error_ratio, in_norm and out_norm must be >= 0")
-    if lo[5] < 0 or hi[5] > 1:
-        raise bad(f"unreached must be a fraction in [0, 1], got {lo[5]}..{hi[5]}")
-    if limits.n_features is not None and hi[1] > limits.n_features:
-        raise bad(f"l0 {int(hi[1])} exceeds the transcoder's {limits.n_features} features")
-
     n_ids = [len(a) for a in ids_b]
     n_vals = [len(b) for b in vals_b]
     if n_ids != n_vals or any(c & 3 for c in n_ids) or any(c & 3 for c in n_vals):
@@ -205,41 +246,56 @@ def check_frame(f: pb.ResidueFrame, limits: FrameLimits) -> Frame:
                 )
             if a != b:
                 raise bad(f"layer {layer_ids[i]} has {a // 4} feature ids but {b // 4} values")
-    widest = max(n_ids) // 4
-    if widest > limits.max_features_per_layer:
-        i = n_ids.index(widest * 4)
-        raise bad(
-            f"layer {layer_ids[i]} carries {widest} features; at most {limits.max_features_per_layer} "
-            "(RESIDUE_MAX_FEATURES_PER_LAYER)",
-            R.REJECT_REASON_TOO_LARGE,
-        )
-    offsets = np.cumsum(np.array([0, *n_ids], dtype=np.int64) // 4)  # (L + 1,)
     ids = np.frombuffer(b"".join(ids_b), dtype="<i4")  # (N,)
     vals = np.frombuffer(b"".join(vals_b), dtype="<f4")  # (N,)
-    if ids.size:
-        top = limits.n_features
-        if int(ids.min()) < 0 or (top is not None and int(ids.max()) >= top):
-            out = (ids < 0) if top is None else ((ids < 0) | (ids >= top))
-            k = int(np.argmax(out))
-            layer = layer_ids[int(np.searchsorted(offsets, k, side="right")) - 1]
-            allowed = ">= 0" if top is None else f"in 0..{top - 1} (the transcoder's n_features)"
-            raise bad(f"layer {layer} feature id {ids[k]} is out of range: ids must be {allowed}")
-        if not math.isfinite(float(vals.sum(dtype=np.float64))) and not np.isfinite(vals).all():
-            k = int(np.argmax(~np.isfinite(vals)))
-            layer = layer_ids[int(np.searchsorted(offsets, k, side="right")) - 1]
-            raise bad(f"layer {layer} feature value {vals[k]} is not finite")
-    layers = np.array(layer_ids, dtype=np.int32)  # (L,)
+    counts = np.array(n_ids, dtype=np.int64) // 4
+    return np.array(layer_ids, dtype=np.int32), np.array(raw), counts, ids, vals
 
-    heads = _check_heads(f, limits, bad)
-    logits = None
-    if f.HasField("logits"):
-        lg = (f.logits.entropy, f.logits.top1_prob, f.logits.margin, f.logits.eos_prob)
-        if not all(map(math.isfinite, lg)) or lg[0] < 0 or not all(0.0 <= p <= 1.0 for p in lg[1:]):
-            raise bad(f"logits {lg} invalid: entropy must be finite >= 0, probabilities in [0, 1]")
-        logits = (float(lg[0]), float(lg[1]), float(lg[2]), float(lg[3]))
-    for a in (layers, stats, offsets, ids, vals, heads):
-        a.flags.writeable = False
-    return Frame(rid, f.position, phase, f.sequence, layers, stats, offsets, ids, vals, heads, logits)
+
+def _array(data: bytes, dtype: str, width: int, name: str, bad: Callable[..., Rejected]) -> np.ndarray:
+    size = np.dtype(dtype).itemsize * width
+    if len(data) % size:
+        raise bad(f"packed.{name} has {len(data)} bytes, not a multiple of {size} ({width} × {dtype})")
+    a = np.frombuffer(data, dtype=dtype)
+    return a.reshape(-1, width) if width > 1 else a
+
+
+def _unpack(
+    p: pb.PackedResidue, limits: FrameLimits, bad: Callable[..., Rejected]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The PackedResidue arrays, shape-checked: (layer ids, stats, counts, ids, values, heads)."""
+    layers = _array(p.layer_ids, "<i4", 1, "layer_ids", bad)
+    n = layers.shape[0]
+    if n == 0:
+        raise bad("packed.layer_ids is empty: a frame carries every transcoder layer")
+    if n > limits.n_layers:
+        raise bad(f"{n} layers; the transcoder has {limits.n_layers}", R.REJECT_REASON_TOO_LARGE)
+    if int(layers[0]) < 0 or (n > 1 and bool((np.diff(layers) <= 0).any())):
+        raise bad(f"packed.layer_ids {layers.tolist()} must be >= 0 and strictly increasing")
+    counts = _array(p.feature_counts, "<i4", 1, "feature_counts", bad).astype(np.int64)
+    stats = _array(p.layer_stats, "<f4", len(LAYER_STAT_NAMES), "layer_stats", bad).astype(np.float64)
+    if counts.shape[0] != n or stats.shape[0] != n:
+        raise bad(
+            f"packed: {n} layer ids but {counts.shape[0]} feature counts and {stats.shape[0]} stat rows"
+        )
+    if int(counts.min()) < 0:
+        raise bad("packed.feature_counts must be >= 0")
+    ids = _array(p.feature_ids, "<i4", 1, "feature_ids", bad)
+    vals = _array(p.feature_values, "<f4", 1, "feature_values", bad)
+    total = int(counts.sum())
+    if ids.shape[0] != total or vals.shape[0] != total:
+        n_i, n_v = ids.shape[0], vals.shape[0]
+        raise bad(f"packed: feature_counts sum to {total} but there are {n_i} ids and {n_v} values")
+    heads = _EMPTY_HEADS.copy()
+    if p.head_stats:
+        heads = _array(p.head_stats, "<f4", 9, "head_stats", bad).astype(np.float64)
+        if heads.shape[0] > limits.max_heads:
+            raise bad(
+                f"{heads.shape[0]} head entries; at most {limits.max_heads} (RESIDUE_MAX_HEADS)",
+                R.REJECT_REASON_TOO_LARGE,
+            )
+        _check_head_values(heads, limits, bad)
+    return layers, stats, counts, ids, vals, heads
 
 
 def _check_heads(f: pb.ResidueFrame, limits: FrameLimits, bad: Callable[..., Rejected]) -> np.ndarray:
@@ -258,12 +314,24 @@ def _check_heads(f: pb.ResidueFrame, limits: FrameLimits, bad: Callable[..., Rej
             for x in f.heads
         ]
     )  # fmt: skip
+    _check_head_values(h, limits, bad)
+    return h
+
+
+def _check_head_values(h: np.ndarray, limits: FrameLimits, bad: Callable[..., Rejected]) -> None:
+    """(H, 9) head statistics: finite, layers in range, entropy >= 0, fractions in [0, 1]."""
     lo, hi = h.min(axis=0).tolist(), h.max(axis=0).tolist()  # NaN and ±inf show up in these
     if not all(map(math.isfinite, lo + hi)):
         raise bad("a HeadStats value is not finite")
     if hi[0] >= limits.n_layers:
         raise bad(f"a HeadStats layer ({int(hi[0])}) is outside the transcoder's {limits.n_layers} layers")
+    if hi[1] >= limits.max_heads:
+        raise bad(
+            f"a HeadStats head index ({int(hi[1])}) is not below {limits.max_heads} (RESIDUE_MAX_HEADS)"
+        )
+    whole = h[:, [0, 1, 6, 7]]  # layer, head, span start, span len: counts, sent as floats when packed
+    if lo[0] < 0 or lo[1] < 0 or lo[6] < 0 or lo[7] < 0 or bool((whole != np.floor(whole)).any()):
+        raise bad("HeadStats: layer, head, top_span_start and top_span_len must be whole numbers >= 0")
     fractions = (3, 4, 5, 8)  # self, local, sink, span mass
     if lo[2] < 0 or min(lo[i] for i in fractions) < 0 or max(hi[i] for i in fractions) > 1:
         raise bad("HeadStats: entropy must be >= 0 and the fractions and span mass in [0, 1]")
-    return h

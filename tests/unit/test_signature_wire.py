@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from residue_monitor.detectors.clt.model import CLTConfig, random_clt
 from residue_monitor.detectors.request import GenerationConfig, analyze_prompt
@@ -14,10 +15,12 @@ from residue_monitor.service.server.residue import to_signature
 from residue_monitor.service.server.validate import FrameLimits, to_event
 
 
-def test_signature_round_trips_through_frames(tiny_hf) -> None:
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-layer"])
+def test_signature_round_trips_through_frames(tiny_hf, packed: bool) -> None:
     """Every number of every row (features, layer stats incl. unreached, head stats, logit stats), the
-    rows' positions and phases and the request facts come back from the frames unchanged (float32), so
-    the sidecar's detectors see what the offline path saw."""
+    rows' positions and phases and the request facts come back from the frames unchanged (float32), in
+    both wire forms (PackedResidue and per-layer messages), so the sidecar's detectors see what the
+    offline path saw."""
     model, tok = tiny_hf
     clt = random_clt(CLTConfig(n_layers=4, d_model=64, n_features=128, model_kind="transcoder_set",
                                activation="topk", k=8))  # fmt: skip
@@ -26,7 +29,10 @@ def test_signature_round_trips_through_frames(tiny_hf) -> None:
         model, tok, builder, "Where is the key?", GenerationConfig(8, decode_every=3)
     ).signature
     limits = FrameLimits(n_layers=4, n_features=128, clt_id=clt.clt_id())
-    events = [to_event(m, limits) for m in signature_messages(sig, "r1", start_time=1.0, end_time=2.0)]
+    events = [
+        to_event(m, limits)
+        for m in signature_messages(sig, "r1", start_time=1.0, end_time=2.0, packed=packed)
+    ]
     _, out = replay([(float(i), e) for i, e in enumerate(events)], AssemblerLimits())
     fin = [o for o in out if isinstance(o, Finalized)]
     assert len(fin) == 1
