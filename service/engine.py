@@ -59,6 +59,7 @@ from residue_monitor.shells.maps import (
     draw_generalization_map,
     draw_trace_map,
 )
+from residue_monitor.shells.match import outcome
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -225,6 +226,7 @@ def run_shells(
     todo: list[tuple[str, ShellInstance]] = [*shells, *((CONTROLS_ID, c) for c in controls)]
     out.mkdir(parents=True, exist_ok=True)
     sigs: dict[str, ResidueSignature] = {}
+    lines: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with (out / "outputs.jsonl").open("w") as f:
         for i, (family, inst) in enumerate(todo):
@@ -232,8 +234,10 @@ def run_shells(
             a = analyze_prompt(engine.model, engine.tok, engine.builder, inst.prompt, g)
             sigs[inst.id] = a.signature
             scores = {n: r.score for n, r in a.detectors.items()}
+            result = outcome(a.output_text, inst.answers, inst.match) if inst.answers else None
             line = {"id": inst.id, "family": family, "split": inst.split, "output": a.output_text,
-                    "answers": list(inst.answers), "detectors": scores}  # fmt: skip
+                    "answers": list(inst.answers), "outcome": result, "detectors": scores}  # fmt: skip
+            lines.append(line)
             f.write(json.dumps(line) + "\n")
             if progress is not None:
                 progress(i + 1, len(todo))
@@ -242,6 +246,7 @@ def run_shells(
     report = fit_and_report(
         engine.prepared.name, engine.clt_id, engine.clt.cfg.n_features, shells, controls, sigs, fit
     )
+    report["provoked"] = provoked_failures(lines)
     report.update({"run_seconds": run_seconds, "generation": {"max_new_tokens": gen.max_new_tokens,
                    "decode_every": gen.decode_every, "chat": gen.chat}, "machine": machine_info(),
                    "clt_path": str(engine.clt_path or "")})  # fmt: skip
@@ -251,6 +256,52 @@ def run_shells(
     )
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
+
+
+def provoked_failures(lines: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per family, how often the model got instances with accepted answers wrong (DESIGN.md §10 rules,
+    recorded as ``outcome`` in outputs.jsonl): does each shell provoke the failure it is written for?"""
+    out: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        o = line.get("outcome")
+        if o is None:
+            continue
+        row = out.setdefault(line["family"], {"scored": 0, "right": 0, "wrong": 0, "null": 0})
+        row["scored"] += 1
+        row[o] += 1
+    for row in out.values():
+        row["failure_rate"] = (row["wrong"] + row["null"]) / row["scored"]
+    return dict(sorted(out.items()))
+
+
+def rerun_report(run: Path, fit: FitConfig | None = None) -> dict[str, Any]:
+    """Refit and re-measure a finished run from its folder (signatures.npz, outputs.jsonl) without the
+    model: the fit is deterministic, so this reproduces ``run_shells``' report (plus outcome counts
+    recomputed from the stored outputs)."""
+    sigs = load_signatures(run / "signatures.npz")
+    lines = [json.loads(x) for x in (run / "outputs.jsonl").read_text().splitlines() if x.strip()]
+    shells, controls = _instances()
+    by_id = {inst.id: inst for _, inst in shells} | {c.id: c for c in controls}
+    for line in lines:
+        inst = by_id.get(line["id"])
+        if inst is not None and inst.answers:
+            line["outcome"] = outcome(line["output"], inst.answers, inst.match)
+    shells = [(sid, inst) for sid, inst in shells if inst.id in sigs]
+    controls = [c for c in controls if c.id in sigs]
+    any_sig = next(iter(sigs.values()))
+    n_features = int(json.loads((run / "report.json").read_text()).get("n_features", 0)) or _n_features(run)
+    report = fit_and_report(
+        any_sig.model, any_sig.clt_id, n_features, shells, controls, sigs, fit or FitConfig()
+    )
+    report["provoked"] = provoked_failures(lines)
+    return report
+
+
+def _n_features(run: Path) -> int:
+    path = json.loads((run / "report.json").read_text()).get("clt_path", "")
+    if not path:
+        raise NotFound(f"{run}/report.json names no CLT: cannot tell the number of features")
+    return load_clt(Path(path)).cfg.n_features
 
 
 def fit_and_report(
@@ -318,6 +369,7 @@ def fit_and_report(
             "match_rate": gen_rows,
         },
         "fit_config": {"l2": fit.l2, "n_sparse": fit.n_sparse, "folds": fit.folds, "seed": fit.seed},
+        "n_features": n_features,
         "_fingerprints": [fp.to_dict() for fp in fps],
     }
 

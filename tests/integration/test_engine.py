@@ -141,6 +141,31 @@ def _assert_same_signature(a: ResidueSignature, b: ResidueSignature) -> None:
             np.testing.assert_array_equal(getattr(ra, f), getattr(rb, f), err_msg=f)
 
 
+def test_outcomes_and_a_refit_from_the_run_folder(shell_run: ShellRun) -> None:
+    """outputs.jsonl records each scored instance's outcome (right/wrong/null by its match rule), the
+    report counts them per family, and rerun_report rebuilds the same per-shell table from the folder
+    alone (the fit is deterministic; no model needed)."""
+    from residue_monitor.service.engine import rerun_report
+    from residue_monitor.shells.match import outcome
+
+    lines = [json.loads(x) for x in (shell_run.out / "outputs.jsonl").read_text().splitlines()]
+    kept = {i.id: i for insts in shell_run.shells.values() for i in insts} | {
+        c.id: c for c in shell_run.controls
+    }
+    for line in lines:
+        inst = kept[line["id"]]
+        expect = outcome(line["output"], inst.answers, inst.match) if inst.answers else None
+        assert line["outcome"] == expect
+    provoked = shell_run.report["provoked"]
+    for fam, row in provoked.items():
+        scored = [x for x in lines if x["family"] == fam and x["outcome"] is not None]
+        assert row["scored"] == len(scored) == row["right"] + row["wrong"] + row["null"]
+        assert row["failure_rate"] == pytest.approx((row["wrong"] + row["null"]) / row["scored"])
+    again = rerun_report(shell_run.out)
+    assert again["per_shell"] == shell_run.report["per_shell"]
+    assert again["provoked"] == provoked
+
+
 def test_fit_never_sees_held_out_instances(shell_run: ShellRun) -> None:
     """Each shell's fingerprint is fitted on exactly the fit-split instances and controls the run kept:
     the report's fit / held-out counts match the catalogue's splits, and refitting on the fit split alone
