@@ -455,7 +455,7 @@ def maps(
         _fail(e)
         return
     for p in paths:
-        console.print(str(p))
+        console.print(str(p), soft_wrap=True)
 
 
 @app.command("serve")

@@ -114,7 +114,7 @@ class AlignmentMatrix:
     shells: tuple[str, ...]
     """(S,) column labels."""
     values: Array
-    """(N, S) e.g. (mean activation in shell − mean in controls) / (std in controls + eps)."""
+    """(N, S) e.g. Cohen's d of each feature: (mean in shell − mean in controls) / pooled SD."""
 
     def __post_init__(self) -> None:
         features = _labels("AlignmentMatrix.features", self.features)
@@ -180,14 +180,17 @@ def alignment_values(
     top: int = 30,
     eps: float = 1e-6,
 ) -> AlignmentMatrix:
-    """Z-score every feature column against the controls and keep the ``top`` most shell-specific ones.
+    """Standardise every feature column's shell-vs-controls difference and keep the ``top`` most
+    shell-specific ones.
 
     ``shell_acts[name]`` is (n_s, M): one row per prompt of that shell; ``control_acts`` is (n_c, M) with
-    n_c ≥ 2; ``keys`` is (M,) feature labels. value[m, s] = (mean_s[m] − mean_c[m]) / (std_c[m] + eps)
-    with the sample std (ddof=1). The kept columns are the ``top`` with the largest max |value| over
-    shells (ties → lower column index). Rows are grouped by the shell they peak on (argmax |value|, in
-    the mapping's order), then by the signed peak value, descending, then by column index, so each shell
-    reads as a block of its own features: excited ones first, suppressed ones last.
+    n_c ≥ 2; ``keys`` is (M,) feature labels. value[m, s] = (mean_s[m] − mean_c[m]) / (pooled SD[m] + eps),
+    Cohen's d with the pooled sample SD of shell and controls (the controls' SD alone when n_s = 1). The
+    pooled SD keeps features that never fire in the controls (SD 0 there) on a readable scale. The kept
+    columns are the ``top`` with the largest max |value| over shells (ties → lower column index). Rows
+    are grouped by the shell they peak on (argmax |value|, in the mapping's order), then by the signed
+    peak value, descending, then by column index, so each shell reads as a block of its own features:
+    excited ones first, suppressed ones last.
     """
     if not shell_acts:
         raise InvalidInput("shell_acts: expected at least one shell")
@@ -208,7 +211,10 @@ def alignment_values(
     cols: list[Array] = []
     for name in names:
         acts = _matrix(f"shell_acts[{name!r}]", shell_acts[name], shape=(None, M), like="(n_s, len(keys))")
-        cols.append((acts.mean(axis=0) - mean_c) / (std_c + eps))
+        n_s, n_c = acts.shape[0], ctrl.shape[0]
+        var_s = acts.var(axis=0, ddof=1) if n_s > 1 else np.zeros(M)
+        pooled = np.sqrt(((n_s - 1) * var_s + (n_c - 1) * std_c**2) / (n_s + n_c - 2))  # (M,)
+        cols.append((acts.mean(axis=0) - mean_c) / (pooled + eps))
     z = np.stack(cols, axis=1)  # (M, S)
 
     score = np.abs(z).max(axis=1)  # (M,)
@@ -255,11 +261,18 @@ def draw_trace_map(m: TraceMap, path: Path) -> Path:
             ax = fig.add_subplot(grid[row, 0], sharex=top_ax)
             top_ax = top_ax or ax
             vmin = 0.0 if row == 1 else None  # 0 = perfect reconstruction anchors the error scale
-            im = ax.imshow(data, origin="lower", aspect="auto", interpolation="nearest", cmap=cmap, vmin=vmin)
+            # A few extreme cells (the first token's massive activations) would wash out the rest: the
+            # colour scale stops at the 99th percentile and the colorbar shows the clipping.
+            vmax = float(np.percentile(data, 99))
+            clipped = bool(data.max() > vmax)
+            im = ax.imshow(data, origin="lower", aspect="auto", interpolation="nearest", cmap=cmap, vmin=vmin,
+                           vmax=vmax)  # fmt: skip
             ax.set_ylabel("layer")
             ax.set_yticks(*_ticks([str(i) for i in range(L)], MAX_Y_TICKS))
             ax.set_title(f"{m.title} — {name}" if row == 0 else name, fontsize=10, loc="left")
-            fig.colorbar(im, cax=fig.add_subplot(grid[row, 1]), label=name)
+            fig.colorbar(
+                im, cax=fig.add_subplot(grid[row, 1]), label=name, extend="max" if clipped else "neither"
+            )
             side = fig.add_subplot(grid[row, 2], sharey=ax)
             layers = np.arange(L)
             side.plot(mean, layers, marker=".", color="tab:blue", label="prompt")
@@ -323,7 +336,7 @@ def draw_alignment_matrix(m: AlignmentMatrix, path: Path) -> Path:
         peak = np.abs(m.values).argmax(axis=1)  # (N,)
         for i in np.flatnonzero(peak[1:] != peak[:-1]).tolist():
             ax.axhline(i + 0.5, color="black", linewidth=0.6)
-        fig.colorbar(im, ax=ax, label="z vs controls")
+        fig.colorbar(im, ax=ax, label="Cohen's d vs controls")
         size = _save(fig, png)
     finally:
         fig.clear()
