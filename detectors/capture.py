@@ -277,7 +277,7 @@ def generate_and_capture(
             keep.clear()
             keep[P - 1 if j == 0 else 0] = P - 1 + j
             out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache})
-            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+            cache = out.cache if cache_kw == "cache" else out.past_key_values
             t = nxt.shape[1]
             for i in range(L):
                 slot = store[i]

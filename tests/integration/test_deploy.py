@@ -32,6 +32,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
@@ -790,6 +791,8 @@ def _prompt_score(msgs: list[pb.IngestMessage]) -> float:
     f = next(
         m.frame for m in msgs if m.WhichOneof("kind") == "frame" and m.frame.phase == pb.PHASE_PROMPT_LAST
     )
+    if f.HasField("packed"):  # what the plugin sends: L × 6 float32, error ratio first
+        return float(np.frombuffer(f.packed.layer_stats, dtype="<f4").reshape(-1, 6)[:, 0].mean())
     return sum(x.error_ratio for x in f.layers) / len(f.layers)
 
 
