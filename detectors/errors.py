@@ -40,7 +40,8 @@ def accumulation(ratios: np.ndarray) -> dict[str, float]:
     # Growth needs both ends: a third with no finite layer says nothing about accumulation.
     growth = float(last.mean() - first.mean()) if last.size and first.size else 0.0
     depth = np.linspace(0.0, 1.0, L)[ok]
-    slope = float(np.polyfit(depth, e[ok], 1)[0])
+    d = depth - depth.mean()
+    slope = float((d * (e[ok] - e[ok].mean())).sum() / (d * d).sum())  # least squares, in closed form
     # One-step increases between consecutive finite layers: a NaN layer is skipped, not allowed to hide
     # a jump across it; the jump is credited to the later layer.
     finite = np.flatnonzero(ok)

@@ -413,8 +413,6 @@ def shells_run(
             report = run_shells(eng, dest, GenerationConfig(max_new_tokens=max_new_tokens),
                                 FitConfig(target_fpr=target_fpr), progress=bar, limit=limit)  # fmt: skip
         fp_path = default_fingerprints_path(eng.prepared.name, eng.clt_id)
-        fp_path.parent.mkdir(parents=True, exist_ok=True)
-        fp_path.write_bytes((dest / "fingerprints.json").read_bytes())
     except ResidueError as e:
         _fail(e)
         return

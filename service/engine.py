@@ -207,9 +207,11 @@ def run_shells(
     fit: FitConfig | None = None,
     progress: Progress | None = None,
     limit: int | None = None,
+    publish: bool = True,
 ) -> dict[str, Any]:
     """Run every shell instance and control, fit and measure one fingerprint per shell; write
-    ``signatures.npz``, ``fingerprints.json``, ``report.json`` and ``outputs.jsonl`` into ``out``.
+    ``signatures.npz``, ``fingerprints.json``, ``report.json`` and ``outputs.jsonl`` into ``out``, and
+    (``publish``) the fingerprints to ``default_fingerprints_path`` too.
 
     ``limit``: at most this many instances per shell and 6× as many controls (quick runs, tests).
     """
@@ -251,9 +253,10 @@ def run_shells(
                    "decode_every": gen.decode_every, "chat": gen.chat}, "machine": machine_info(),
                    "clt_path": str(engine.clt_path or "")})  # fmt: skip
     fps = [Fingerprint.from_dict(d) for d in report.pop("_fingerprints")]
-    save_fingerprints(
-        out / "fingerprints.json", fps, meta={"model": engine.prepared.name, "clt_id": engine.clt_id}
-    )
+    meta = {"model": engine.prepared.name, "clt_id": engine.clt_id}
+    save_fingerprints(out / "fingerprints.json", fps, meta=meta)
+    if publish:  # where `residue analyze`, the demo and the benchmarks find them
+        save_fingerprints(default_fingerprints_path(engine.prepared.name, engine.clt_id), fps, meta=meta)
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
 

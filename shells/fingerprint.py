@@ -124,12 +124,12 @@ def compact_vector(sig: ResidueSignature, detectors: Mapping[str, DetectorResult
 def sparse_vector(sig: ResidueSignature, keys: Sequence[tuple[int, int]]) -> F64:
     """Activations of the features ``keys`` [(layer, feature)] at the last prompt token (0 if not kept)."""
     row = sig.row("prompt_last") or sig.rows[0]
-    out = np.zeros(len(keys))
-    for j, (layer, feat) in enumerate(keys):
-        hit = row.feature_ids[layer] == feat
-        if hit.any():
-            out[j] = float(row.feature_values[layer][hit][0])
-    return out
+    if not keys:
+        return np.zeros(0)
+    k = np.asarray(keys, dtype=np.int64)  # (n, 2): layer, feature
+    hit = row.feature_ids[k[:, 0]] == k[:, 1:2]  # (n, k): where each wanted feature sits, if kept
+    vals = np.where(hit, row.feature_values[k[:, 0]], 0.0)  # (n, k)
+    return vals.max(axis=1).astype(np.float64)  # values are ≥ 0; a feature appears at most once a layer
 
 
 def prompt_feature_matrix(sigs: Sequence[ResidueSignature], n_features: int) -> npt.NDArray[np.float32]:
@@ -224,7 +224,8 @@ class Fingerprint:
 
     def score_inputs(self, X: F64) -> F64:
         """Probabilities for raw input rows X (n, d) (NaN inputs count as the training mean)."""
-        Z = np.nan_to_num((X - self.mean) / self.scale, nan=0.0, posinf=0.0, neginf=0.0)
+        Z = (X - self.mean) / self.scale
+        Z[~np.isfinite(Z)] = 0.0
         z = np.clip(Z @ self.weights + self.bias, -30, 30)
         return 1 / (1 + np.exp(-z))
 

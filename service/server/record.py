@@ -108,7 +108,7 @@ def head_entropy_means(frames: Sequence[Frame]) -> tuple[float, ...]:
     if all(h.shape == heads[0].shape and np.array_equal(h[:, :2], heads[0][:, :2]) for h in heads[1:]):
         # The same (layer, head) grid in every frame, sorted as the plugin sends it: a plain mean.
         keys = heads[0][:, 0] * 65536 + heads[0][:, 1]
-        if keys.size < 2 or bool((np.diff(keys) > 0).all()):
+        if keys.size < 2 or bool((keys[1:] > keys[:-1]).all()):
             return tuple(np.mean([h[:, 2] for h in heads], axis=0).tolist())
     h = np.concatenate(heads)  # (sum H, 9): layer, head, entropy, …
     _, inverse = np.unique(h[:, 0] * 65536 + h[:, 1], return_inverse=True)

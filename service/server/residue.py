@@ -31,7 +31,7 @@ def _ro(a: np.ndarray) -> np.ndarray:
 
 def row_of(frame: Frame, n_layers: int) -> RowSignature:
     """One frame as a signature row over ``n_layers`` layers."""
-    counts = np.diff(frame.feature_offsets)  # (L_f,)
+    counts = frame.feature_offsets[1:] - frame.feature_offsets[:-1]  # (L_f,)
     k = max(int(counts.max()) if counts.size else 0, 1)
     ids = np.zeros((n_layers, k), dtype=np.int32)
     vals = np.zeros((n_layers, k), dtype=np.float32)

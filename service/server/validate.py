@@ -270,7 +270,7 @@ def _unpack(
         raise bad("packed.layer_ids is empty: a frame carries every transcoder layer")
     if n > limits.n_layers:
         raise bad(f"{n} layers; the transcoder has {limits.n_layers}", R.REJECT_REASON_TOO_LARGE)
-    if int(layers[0]) < 0 or (n > 1 and bool((np.diff(layers) <= 0).any())):
+    if int(layers[0]) < 0 or (n > 1 and bool((layers[1:] <= layers[:-1]).any())):
         raise bad(f"packed.layer_ids {layers.tolist()} must be >= 0 and strictly increasing")
     counts = _array(p.feature_counts, "<i4", 1, "feature_counts", bad).astype(np.int64)
     stats = _array(p.layer_stats, "<f4", len(LAYER_STAT_NAMES), "layer_stats", bad).astype(np.float64)
