@@ -288,7 +288,7 @@ class ForecastScore(_message.Message):
     def __init__(self, probability: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ...) -> None: ...
 
 class ResidueRecord(_message.Message):
-    __slots__ = ("request_id", "model", "clt_id", "tenant", "start_time", "end_time", "signature", "detector_scores", "fingerprint_matches", "flags", "prefill_forecast", "finish_reason", "prompt_tokens", "output_tokens", "num_cached_tokens", "empty_output", "complete", "prompt_token_ids")
+    __slots__ = ("request_id", "model", "clt_id", "tenant", "start_time", "end_time", "signature", "detector_scores", "fingerprint_matches", "flags", "prefill_forecast", "finish_reason", "prompt_tokens", "output_tokens", "num_cached_tokens", "empty_output", "complete", "prompt_token_ids", "incomplete_reason", "prefill_signature", "frames_over_limit", "frames_duplicate")
     class DetectorScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +314,10 @@ class ResidueRecord(_message.Message):
     EMPTY_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    INCOMPLETE_REASON_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_OVER_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     clt_id: str
@@ -332,7 +336,11 @@ class ResidueRecord(_message.Message):
     empty_output: bool
     complete: bool
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., clt_id: _Optional[str] = ..., tenant: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signature: _Optional[_Union[SignatureSummary, _Mapping]] = ..., detector_scores: _Optional[_Mapping[str, float]] = ..., fingerprint_matches: _Optional[_Iterable[_Union[FingerprintMatch, _Mapping]]] = ..., flags: _Optional[_Iterable[str]] = ..., prefill_forecast: _Optional[_Union[PrefillForecast, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., empty_output: _Optional[bool] = ..., complete: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    incomplete_reason: str
+    prefill_signature: SignatureSummary
+    frames_over_limit: int
+    frames_duplicate: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., clt_id: _Optional[str] = ..., tenant: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signature: _Optional[_Union[SignatureSummary, _Mapping]] = ..., detector_scores: _Optional[_Mapping[str, float]] = ..., fingerprint_matches: _Optional[_Iterable[_Union[FingerprintMatch, _Mapping]]] = ..., flags: _Optional[_Iterable[str]] = ..., prefill_forecast: _Optional[_Union[PrefillForecast, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., empty_output: _Optional[bool] = ..., complete: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., incomplete_reason: _Optional[str] = ..., prefill_signature: _Optional[_Union[SignatureSummary, _Mapping]] = ..., frames_over_limit: _Optional[int] = ..., frames_duplicate: _Optional[int] = ...) -> None: ...
 
 class GetResidueRequest(_message.Message):
     __slots__ = ("request_id", "tenant")

@@ -49,14 +49,18 @@ def record_proto(o: Outcome) -> pb.ResidueRecord:
         r.prompt_tokens = e.prompt_tokens or s.prompt_tokens
         if e.end_time is not None:
             _set_time(r.end_time, e.end_time)
-    r.signature.frame_count = o.overall.frame_count
-    for layer in o.overall.layers:
-        r.signature.layers.add(
-            layer=layer.layer,
-            mean_error_ratio=layer.mean_error_ratio,
-            mean_l0=layer.mean_l0,
-            mean_mass=layer.mean_mass,
-        )
+    r.incomplete_reason = o.request.incomplete_reason
+    r.frames_over_limit = o.request.frames_over_limit
+    r.frames_duplicate = o.request.duplicates
+    for summary, msg in ((o.overall, r.signature), (o.prefill, r.prefill_signature)):
+        msg.frame_count = summary.frame_count
+        for layer in summary.layers:
+            msg.layers.add(
+                layer=layer.layer,
+                mean_error_ratio=layer.mean_error_ratio,
+                mean_l0=layer.mean_l0,
+                mean_mass=layer.mean_mass,
+            )
     for res in o.results:
         r.detector_scores[res.name] = res.score
     for m in o.matches:

@@ -283,6 +283,7 @@ async def test_health_reflection_and_graceful_drain(
         await asyncio.wait_for(stopping, 5.0)
     rec = await store.get_record("req-0")
     assert not rec.complete and rec.signature.frame_count == len(frames_of(requests[0]))
+    assert "shut down" in rec.incomplete_reason
 
 
 async def test_out_of_order_and_duplicate_frames_give_the_in_order_record(
@@ -300,7 +301,8 @@ async def test_out_of_order_and_duplicate_frames_give_the_in_order_record(
         assert summary.frames_duplicate == 2
         a = await stub.GetResidue(pb.GetResidueRequest(request_id="in-order"))
         b = await stub.GetResidue(pb.GetResidueRequest(request_id="shuffled"))
-    b.request_id = a.request_id
+    assert (a.frames_duplicate, b.frames_duplicate) == (0, 2)  # the record says what was dropped
+    b.request_id, b.frames_duplicate = a.request_id, 0
     assert a == b
 
 
@@ -315,6 +317,9 @@ async def test_expired_request_is_stored_incomplete(
         rec = await _eventually(lambda: stub.GetResidue(pb.GetResidueRequest(request_id="req-0")))
         assert not rec.complete and rec.finish_reason == pb.FINISH_REASON_UNSPECIFIED
         assert not rec.HasField("end_time") and rec.signature.frame_count == len(frames_of(requests[0]))
+        assert rec.incomplete_reason and "0.3" in rec.incomplete_reason  # names the expiry it hit
+        assert rec.prefill_signature.frame_count == 1  # the PROMPT_LAST frame alone
+        assert len(rec.prefill_signature.layers) == len(rec.signature.layers)
         summary = await ingest(stub, requests[0][-1:])
         assert summary.rejected == 1
         assert summary.rejected_by_reason[0].reason == pb.REJECT_REASON_UNKNOWN_REQUEST
