@@ -37,7 +37,13 @@ logger = logging.getLogger(__name__)
 
 Phase = Literal["prompt_last", "decode", "final"]
 LayerBand = Literal["early", "middle", "late"]
-DropReason = Literal["queue_full", "hook_error", "send_error", "invalid_frame", "unknown_request", "other"]
+DropReason = Literal[
+    "queue_full", "hook_error", "send_error", "invalid_frame", "unknown_request", "late", "duplicate",
+    "over_limit", "other",
+]  # fmt: skip
+"""Plugin side: queue_full, hook_error, send_error. Sidecar side: invalid_frame, unknown_request (no
+RequestStart), late (the request was already finalized), duplicate (a repeat of an ingested frame: nothing
+is lost), over_limit (RESIDUE_MAX_FRAMES_PER_REQUEST reached)."""
 # get_args keeps each Literal the single source of its label values.
 PHASES = cast("tuple[Phase, ...]", get_args(Phase))
 LAYER_BANDS = cast("tuple[LayerBand, ...]", get_args(LayerBand))

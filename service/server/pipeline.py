@@ -42,8 +42,9 @@ from residue_monitor.service.store import Store
 logger = logging.getLogger(__name__)
 
 R = pb.RejectReason
-_DROP_LABEL = {"unknown_request": "unknown_request", "late": "unknown_request"}
-"""Assembler drop reasons → exporter label (others fold into 'other' there)."""
+_DROP_LABEL = {"unknown_request": "unknown_request", "late": "late", "duplicate": "duplicate",
+               "over_limit": "over_limit"}  # fmt: skip
+"""Assembler drop reasons → exporter label (the same names; anything new folds into 'other' there)."""
 _KIND = {"start": Start, "end": End, "frame": Frame}
 
 

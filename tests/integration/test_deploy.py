@@ -865,7 +865,7 @@ def test_live_sidecar_traffic_flags_and_drops(
     phases = {r["metric"]["phase"] for r in prometheus.query(f'residue_frames_total{{job="{JOB}"}} > 0')}
     assert phases == {"prompt_last", "decode", "final"}
     assert total(f'residue_flags_total{{job="{JOB}"}}') >= 1, sidecar.log.read_text(errors="replace")
-    assert total(f'residue_frames_dropped_total{{job="{JOB}", reason="other"}}') >= 1
+    assert total(f'residue_frames_dropped_total{{job="{JOB}", reason="duplicate"}}') >= 1
 
 
 @pytest.mark.parametrize("target", _live_params(TARGETS))
