@@ -3,8 +3,8 @@
 Flags are appended to the store (durable, shared by replicas) *and* published to the hub, so a watcher
 sees a flag the moment it is raised, also while Redis is down. A watcher that passes ``after_event_id``
 first gets the retained events after it from the store, then the live ones (an event seen in both is
-delivered once). Live events carry no ``event_id``: the store assigns ids inside ``append_flag``, which
-does not return them; a client that needs to resume exactly should use the ids of replayed events.
+delivered once). Live events carry the ``event_id`` the store assigned in ``append_flag`` (empty only
+when the store was down and the event waits in its backlog), so a client can resume from any of them.
 
 Replicas sharing a store (``tail_store``: a RedisStore behind several sidecars) also tail the store's flag
 stream while a watch is open, so a watcher on one replica gets the flags raised by every replica. Its own

@@ -243,7 +243,8 @@ class IngestPipeline:
             logger.warning("storing the record of request %r failed: %s", rid, e)
         for ev in flag_protos(outcome, self._wall()):
             try:
-                await self._store.append_flag(ev)
+                # Live watchers get the id too, so they can resume with after_event_id.
+                ev.event_id = await self._store.append_flag(ev)
             except ResidueError as e:
                 logger.warning("storing flag %r of request %r failed: %s", ev.flag, rid, e)
             self._hub.publish(ev)

@@ -82,14 +82,18 @@ async def write_records(client: aioredis.Redis, writes: list[PendingRecord], ttl
         await pipe.execute()
 
 
-async def write_flags(client: aioredis.Redis, events: list[pb.FlagEvent], maxlen: int, ttl_ms: int) -> None:
-    """XADD each event to its tenant's stream, capped with MAXLEN ~ ``maxlen`` (cheap trimming)."""
+async def write_flags(
+    client: aioredis.Redis, events: list[pb.FlagEvent], maxlen: int, ttl_ms: int
+) -> list[str]:
+    """XADD each event to its tenant's stream, capped with MAXLEN ~ ``maxlen`` (cheap trimming); the ids
+    Redis assigned, in order."""
     pipe = client.pipeline(transaction=False)
     for ev in events:
         k = key(ev.tenant, "flags")
         pipe.xadd(k, {b"e": ev.SerializeToString()}, maxlen=maxlen, approximate=True)
         pipe.pexpire(k, ttl_ms)
-    await pipe.execute()
+    replies = await pipe.execute()
+    return [text(r) for r in replies[0::2]]
 
 
 def parse_events(entries: Iterable[Any]) -> list[pb.FlagEvent]:

@@ -260,8 +260,9 @@ class Store(Protocol):
         """One page of matching records, newest first, and the next page's token ('' when done)."""
         ...
 
-    async def append_flag(self, event: pb.FlagEvent) -> None:
-        """Append ``event`` to its tenant's capped flag stream (the store assigns ``event_id``)."""
+    async def append_flag(self, event: pb.FlagEvent) -> str:
+        """Append ``event`` to its tenant's capped flag stream and return the ``event_id`` the store
+        assigned ('' when the event waits in the outage backlog: it gets its id when flushed)."""
         ...
 
     async def flags_since(

@@ -121,7 +121,7 @@ class MemoryStore:
             out.append(copy)
         return out, token
 
-    async def append_flag(self, event: pb.FlagEvent) -> None:
+    async def append_flag(self, event: pb.FlagEvent) -> str:
         """Append a copy of ``event`` with a fresh, increasing ``event_id``; wake blocked readers."""
         tenant = check_tenant(event.tenant)
         copy = pb.FlagEvent()
@@ -134,6 +134,7 @@ class MemoryStore:
         self._flags_written += 1
         async with self._new_flag:
             self._new_flag.notify_all()
+        return copy.event_id
 
     async def flags_since(
         self, tenant: str = "", after_id: str = "", limit: int = 100, block_s: float = 0.0

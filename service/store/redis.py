@@ -190,20 +190,24 @@ class RedisStore:
 
     # ---- flags -----------------------------------------------------------------------------------
 
-    async def append_flag(self, event: pb.FlagEvent) -> None:
-        """XADD to the tenant's capped stream (Redis assigns the id); buffer it while Redis is down."""
+    async def append_flag(self, event: pb.FlagEvent) -> str:
+        """XADD to the tenant's capped stream and return the id Redis assigned; while Redis is down the
+        event waits in the backlog and '' is returned."""
         check_tenant(event.tenant)
         ev = pb.FlagEvent()
         ev.CopyFrom(event)
         ev.ClearField("event_id")
         if self._backlog:
             self._buffer(self._backlog.add_flag(ev))
-            return
+            return ""
+        ids: list[str] = []
         async with self._writing("flag write") as down:
-            await ops.write_flags(self._r, [ev], self._flags_maxlen, self._ttl_ms)
+            ids = await ops.write_flags(self._r, [ev], self._flags_maxlen, self._ttl_ms)
             self._flags_written += 1
         if down:
             self._buffer(self._backlog.add_flag(ev))
+            return ""
+        return ids[0] if ids else ""
 
     async def flags_since(
         self, tenant: str = "", after_id: str = "", limit: int = 100, block_s: float = 0.0

@@ -216,8 +216,8 @@ async def test_query_filters_and_paging(make_sidecar: MakeSidecar, requests: lis
 async def test_watch_flags_receives_live_flags_honouring_the_filter(
     make_sidecar: MakeSidecar, requests: list[Messages]
 ) -> None:
-    """A watcher for model 'a' gets the flag of a flagged model-'a' request, with its score and threshold,
-    and nothing for model 'b'; cancelling the watch unsubscribes it."""
+    """A watcher for model 'a' gets the flag of a flagged model-'a' request, with its score, threshold and
+    store event id, and nothing for model 'b'; cancelling the watch unsubscribes it."""
     sidecar = await make_sidecar(prompt_error_threshold=-1.0)  # everything flags
     async with channel(sidecar) as ch:
         stub = pb_grpc.ResidueServiceStub(ch)
@@ -234,6 +234,8 @@ async def test_watch_flags_receives_live_flags_honouring_the_filter(
         assert ev.score == pytest.approx(prompt_score(requests[0]), rel=1e-6) and ev.threshold == -1.0
         stored = await sidecar.store.flags_since("", "", limit=10)
         assert sorted(e.request_id for e in stored) == ["req-0", "req-1"]
+        # The live event carries the id the store assigned, so a client can resume from it.
+        assert ev.event_id == next(e.event_id for e in stored if e.request_id == "req-0")
         # Resuming after the first retained event replays the rest from the store.
         resumed = stub.WatchFlags(pb.WatchFlagsRequest(after_event_id=stored[0].event_id))
         replayed = await asyncio.wait_for(resumed.read(), 5.0)
@@ -451,7 +453,8 @@ async def test_limits_are_resource_exhausted(make_sidecar: MakeSidecar, requests
         await ingest(stub, a[1:])
         rec = await stub.GetResidue(pb.GetResidueRequest(request_id="req-0"))
         assert rec.complete and rec.signature.frame_count == 2
-    assert sidecar.stats.snapshot().frames_dropped["other"] == len(frames_of(a)) - 2
+        assert rec.frames_over_limit == len(frames_of(a)) - 2
+    assert sidecar.stats.snapshot().frames_dropped["over_limit"] == len(frames_of(a)) - 2
 
 
 # ---- store outage, auth, deadlines, internal errors ---------------------------------------------

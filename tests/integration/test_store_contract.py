@@ -254,12 +254,12 @@ async def test_flag_stream_is_capped(make_store: MakeStore, backend: str) -> Non
 
 
 async def test_flags_resume_and_block(store: Store) -> None:
-    """Events come back oldest first with increasing ids; after_id resumes; '$' and block_s wait for
-    the next event instead of polling."""
-    for i in range(3):
-        await store.append_flag(flag(f"r{i}"))
+    """Events come back oldest first with increasing ids (the ids append_flag returned); after_id
+    resumes; '$' and block_s wait for the next event instead of polling."""
+    ids = [await store.append_flag(flag(f"r{i}")) for i in range(3)]
     events = await store.flags_since()
     assert [e.request_id for e in events] == ["r0", "r1", "r2"]
+    assert [e.event_id for e in events] == ids
     ids = [tuple(map(int, e.event_id.split("-"))) for e in events]
     assert ids == sorted(set(ids))
     assert [e.request_id for e in await store.flags_since(after_id=events[0].event_id)] == ["r1", "r2"]
@@ -329,7 +329,7 @@ async def test_redis_down_buffers_writes_and_flushes_on_reconnect(fresh_redis_se
         fresh_redis_server.stop()
         await store.put_record(rec("during-1", T0 + 1, flags=("f",)))
         await store.put_record(rec("during-2", T0 + 2))
-        await store.append_flag(flag("during-1"))
+        assert await store.append_flag(flag("during-1")) == ""  # no id until the backlog is flushed
         stats = store.stats()
         assert (stats.backlog_records, stats.backlog_flags, stats.available) == (2, 1, False)
         assert stats.errors >= 1

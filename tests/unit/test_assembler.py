@@ -94,6 +94,8 @@ def test_out_of_order_and_duplicates_give_the_in_order_record() -> None:
     assert b.duplicates == 3 and a.duplicates == 0
     scorers = default_scorers(ServerConfig())
     rec_a, rec_b = record_proto(score_request(a, scorers)), record_proto(score_request(b, scorers))
+    assert (rec_a.frames_duplicate, rec_b.frames_duplicate) == (0, 3)  # the record says what was dropped
+    rec_b.frames_duplicate = 0
     assert rec_a.SerializeToString(deterministic=True) == rec_b.SerializeToString(deterministic=True)
     dropped = [o for o in out if isinstance(o, Dropped)]
     assert [d.reason for d in dropped] == ["duplicate"] * 3
