@@ -46,6 +46,8 @@ _DROP_LABEL = {"unknown_request": "unknown_request", "late": "late", "duplicate"
                "over_limit": "over_limit"}  # fmt: skip
 """Assembler drop reasons → exporter label (the same names; anything new folds into 'other' there)."""
 _KIND = {"start": Start, "end": End, "frame": Frame}
+MAX_STREAM_WRITES = 64
+"""Store writes one Ingest stream may have in flight before it waits (bounds memory under a slow store)."""
 
 
 @dataclass(slots=True)
@@ -57,6 +59,8 @@ class StreamCounts:
     duplicate: int = 0
     ended: int = 0
     rejected: dict[int, tuple[int, str]] = field(default_factory=dict)  # reason → (count, first detail)
+    writes: set[asyncio.Task[None]] = field(default_factory=set)
+    """Store writes of the requests this stream finished, not yet done (``IngestPipeline.settle``)."""
 
     def reject(self, reason: int, detail: str) -> None:
         n, first = self.rejected.get(reason, (0, detail))
@@ -160,7 +164,7 @@ class IngestPipeline:
             elif isinstance(o, Dropped):
                 self._dropped(o, counts if o.request_id == own else None)
             elif isinstance(o, Finalized):
-                await self._finalized(o)
+                await self._finalized(o, counts)
             elif isinstance(o, Refused):
                 refused = o
             elif counts is not None:  # Held: accepted for now, assembled when its start arrives
@@ -199,15 +203,29 @@ class IngestPipeline:
         elif o.reason in ("late", "unknown_request"):
             counts.reject(R.REJECT_REASON_UNKNOWN_REQUEST, o.detail)
 
-    async def _finalized(self, o: Finalized) -> None:
+    async def _finalized(self, o: Finalized, counts: StreamCounts | None) -> None:
         outcome = score_request(
             o.request, self._scorers, self._limits.n_layers if self._limits.clt_id else None
         )
         task = asyncio.get_running_loop().create_task(self._persist(outcome))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
-        # A cancelled caller (client gone, grace over) stops waiting; the write itself goes on.
-        await asyncio.shield(task)
+        if counts is None:
+            # Expiry and shutdown: wait here. A cancelled caller stops waiting; the write goes on.
+            await asyncio.shield(task)
+            return
+        # An Ingest stream goes on reading while the store write is in flight (its round trip overlaps
+        # the next frames); ``settle`` waits for them before the stream answers. Bounded: past
+        # MAX_STREAM_WRITES in flight the stream waits for the oldest to finish.
+        counts.writes.add(task)
+        task.add_done_callback(counts.writes.discard)
+        if len(counts.writes) > MAX_STREAM_WRITES:
+            await asyncio.wait(list(counts.writes), return_when=asyncio.FIRST_COMPLETED)
+
+    async def settle(self, counts: StreamCounts) -> None:
+        """Wait until every record this stream finished is stored (then GetResidue sees them all)."""
+        if counts.writes:
+            await asyncio.shield(asyncio.gather(*counts.writes, return_exceptions=True))
 
     def _observe(self, outcome: Outcome) -> None:
         """A finished request's samples: scores, and per-layer / per-head means over its frames.

@@ -67,8 +67,10 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
                 if self._draining.is_set():
                     break
         except ResidueError:
+            await self._pipeline.settle(counts)
             context.set_trailing_metadata(((SUMMARY_METADATA_KEY, counts.summary().SerializeToString()),))
             raise
+        await self._pipeline.settle(counts)  # the stream answers once its records are stored
         return counts.summary()
 
     async def GetResidue(self, request: pb.GetResidueRequest, context: Context) -> pb.ResidueRecord:
