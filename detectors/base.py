@@ -21,7 +21,8 @@ class DetectorResult:
     score: float
     """Higher = more of the residue the detector looks for (units are the detector's own)."""
     evidence: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
-    """A few named numbers that explain the score (shown by `residue analyze`, kept in records)."""
+    """A few named numbers that explain the score (shown by `residue analyze` and in its JSONL output;
+    the sidecar's records keep the score only)."""
 
 
 def frozen(d: Mapping[str, float]) -> Mapping[str, float]:

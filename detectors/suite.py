@@ -15,8 +15,8 @@ Detector = Callable[[ResidueSignature], DetectorResult | None]
 
 
 def detector_registry() -> Registry[Detector]:
-    """The four residue methods of the papers that score a single request (cross-run comparison works on
-    groups of requests: ``detectors.compare``)."""
+    """Three of the papers' four methods, the ones that score a single request; the fourth, cross-run
+    comparison, works on groups of requests (``detectors.compare``)."""
     items: dict[str, Detector] = {
         "attention": detect_attention,
         "errors": detect_errors,
