@@ -329,7 +329,6 @@ def _train(
     neg: Sequence[ResidueSignature],
     n_features: int,
     cfg: FitConfig,
-    cache: dict[int, F64],
 ) -> tuple[tuple[tuple[int, int], ...], F64, F64, F64, float]:
     keys = _select_sparse(
         prompt_feature_matrix(pos, n_features),
@@ -379,7 +378,7 @@ def fit_fingerprint(
     for f in range(folds):
         p_tr = [s for s, k in zip(positives, pf, strict=True) if k != f]
         c_tr = [s for s, k in zip(controls, cf, strict=True) if k != f]
-        keys, mean, scale, w, b = _train(p_tr, c_tr, n_features, cfg, {})
+        keys, mean, scale, w, b = _train(p_tr, c_tr, n_features, cfg)
         tmp = Fingerprint(
             name, family, "", "", L, compact_names(L), keys, mean, scale, w, b, 0.5, cfg.target_fpr
         )
@@ -388,7 +387,7 @@ def fit_fingerprint(
         oof_controls[c_te] = tmp.score_inputs(_inputs([controls[i] for i in c_te], keys))
         oof_pos[p_te] = tmp.score_inputs(_inputs([positives[i] for i in p_te], keys))
     threshold = conformal_threshold(oof_controls, cfg.target_fpr)
-    keys, mean, scale, w, b = _train(positives, controls, n_features, cfg, {})
+    keys, mean, scale, w, b = _train(positives, controls, n_features, cfg)
     return Fingerprint(
         name=name,
         family=family,
