@@ -173,13 +173,13 @@ class SignatureBuilder:
         self.readout = readout.detach().float()
         # Each feature's total write into the residual stream: its decoder summed over target layers.
         with torch.no_grad():
-            self._dec = [
+            total = [
                 sum((clt.decoder(s, t) for t in range(s, clt.n_layers if clt.is_cross_layer else s + 1)),
                     torch.zeros(()))
                 for s in range(clt.n_layers)
             ]  # fmt: skip
             self._dec_unit = [
-                d.float() / d.float().norm(dim=-1, keepdim=True).clamp_min(1e-12) for d in self._dec
+                d.float() / d.float().norm(dim=-1, keepdim=True).clamp_min(1e-12) for d in total
             ]
 
     @classmethod

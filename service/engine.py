@@ -13,7 +13,6 @@ generalization map.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -61,7 +60,6 @@ from residue_monitor.shells.maps import (
 )
 from residue_monitor.shells.match import outcome
 
-logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 """``progress(done, total)``."""
 

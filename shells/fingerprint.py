@@ -35,7 +35,7 @@ import numpy.typing as npt
 
 from residue_monitor.detectors.attention import trapped_mass
 from residue_monitor.detectors.base import DetectorResult
-from residue_monitor.detectors.compare import compare_runs
+from residue_monitor.detectors.compare import compare_runs, feature_matrix
 from residue_monitor.detectors.exceptions import ArtifactMismatch, InvalidInput
 from residue_monitor.detectors.signature import (
     ENTROPY,
@@ -134,15 +134,10 @@ def sparse_vector(sig: ResidueSignature, keys: Sequence[tuple[int, int]]) -> F64
 
 def prompt_feature_matrix(sigs: Sequence[ResidueSignature], n_features: int) -> npt.NDArray[np.float32]:
     """(n, L·F) dense feature activations at the last prompt token; column = layer·F + feature."""
-    L = sigs[0].n_layers
-    X = np.zeros((len(sigs), L * n_features), dtype=np.float32)
-    for i, s in enumerate(sigs):
-        row = s.row("prompt_last") or s.rows[0]
-        cols = (np.arange(L)[:, None] * n_features + row.feature_ids).ravel()
-        vals = row.feature_values.ravel()
-        keep = vals > 0
-        X[i, cols[keep]] = vals[keep]
-    return X
+    rows = [s.row("prompt_last") or s.rows[0] for s in sigs]
+    return feature_matrix(
+        [r.feature_ids for r in rows], [r.feature_values for r in rows], sigs[0].n_layers, n_features
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model
