@@ -67,7 +67,9 @@ def engine(
 def shell_run(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> ShellRun:
     """The module's one ``run_shells`` call."""
     out = tmp_path_factory.mktemp("shells-run")
-    report = run_shells(engine, out, GEN, limit=LIMIT)
+    # publish=False: the session-wide tiny home is shared; a published file would make other tests (e.g.
+    # `residue analyze` expecting no fingerprints for this CLT) depend on the order tests run in.
+    report = run_shells(engine, out, GEN, limit=LIMIT, publish=False)
     shells = {spec.id: list(spec.instances[:LIMIT]) for spec in load_shells()}
     return ShellRun(engine, out, report, shells, list(load_controls()[: 6 * LIMIT]))
 
