@@ -50,7 +50,8 @@ class Activations:
     q: torch.Tensor
     """(L, n, H, d_head) post-rotary queries of the sampled rows."""
     k: torch.Tensor
-    """(L, H_kv, T, d_head) post-rotary keys of positions 0..T-1, T = last sampled position + 1."""
+    """(L, H_kv, T, d_head) post-rotary keys of positions 0..T-1, T ≥ last sampled position + 1; T = 0 when
+    the head statistics were computed at capture time (the live plugin reads keys in vLLM's KV cache)."""
     logits: torch.Tensor
     """(n, V) next-token logits at the sampled rows."""
     targets: torch.Tensor
@@ -71,7 +72,12 @@ class Activations:
             "mlp_in": (self.mlp_in.ndim == 3 and self.mlp_in.shape[1] == n),
             "mlp_out": (self.mlp_out.shape == self.mlp_in.shape),
             "q": (self.q.ndim == 4 and self.q.shape[:2] == (L, n)),
-            "k": (self.k.ndim == 4 and self.k.shape[0] == L and self.k.shape[2] > self.positions[-1]),
+            # T = 0: no keys, the head statistics were computed where the keys live (the live plugin).
+            "k": (
+                self.k.ndim == 4
+                and self.k.shape[0] == L
+                and (self.k.shape[2] == 0 or self.k.shape[2] > self.positions[-1])
+            ),
             "logits": (self.logits.ndim == 2 and self.logits.shape[0] == n),
             "targets": (tuple(self.targets.shape) == (n,)),
         }
@@ -208,15 +214,23 @@ def capture(
 
 
 def attention_probs(acts: Activations) -> torch.Tensor:
-    """Attention probabilities of the sampled rows, recomputed from q·Kᵀ: (L, H, n, T_k), causal per row.
+    """Attention probabilities of the sampled rows, recomputed from q·Kᵀ: (L, H, n, T_k), causal per row."""
+    if acts.k.shape[2] == 0:
+        raise InvalidInput("these activations carry no keys (their head statistics were computed at capture)")
+    return probs_from_qk(acts.q, acts.k, acts.positions, acts.attn_scale)
 
-    Grouped-query attention: query head h reads key head ``h // (H / H_kv)``, as in Llama.
+
+def probs_from_qk(q: torch.Tensor, k: torch.Tensor, positions: Sequence[int], scale: float) -> torch.Tensor:
+    """Causal attention probabilities: q (L, n, H, d), k (L, H_kv, T_k, d) post-rotary → (L, H, n, T_k).
+
+    Grouped-query attention: query head h reads key head ``h // (H / H_kv)``, as in Llama. The live plugin
+    calls this on keys read from vLLM's KV cache, the reference path on keys captured from HF.
     """
-    H = acts.q.shape[2]
-    H_kv, T_k = acts.k.shape[1], acts.k.shape[2]
-    k = acts.k.repeat_interleave(H // H_kv, dim=1)  # (L, H, T_k, d)
-    scores = torch.einsum("lnhd,lhtd->lhnt", acts.q, k) * acts.attn_scale  # (L, H, n, T_k)
-    pos = torch.tensor(acts.positions)
+    H = q.shape[2]
+    H_kv, T_k = k.shape[1], k.shape[2]
+    k = k.float().repeat_interleave(H // H_kv, dim=1)  # (L, H, T_k, d)
+    scores = torch.einsum("lnhd,lhtd->lhnt", q.float(), k) * scale  # (L, H, n, T_k)
+    pos = torch.tensor(list(positions))
     future = torch.arange(T_k)[None, :] > pos[:, None]  # (n, T_k)
     scores = scores.masked_fill(future, float("-inf"))
     return torch.softmax(scores, dim=-1)

@@ -224,8 +224,14 @@ class SignatureBuilder:
         empty_output: bool = False,
         stopped: bool = False,
         meta: dict[str, Any] | None = None,
+        heads: torch.Tensor | None = None,
     ) -> ResidueSignature:
-        """The signature of one request's captured rows."""
+        """The signature of one request's captured rows.
+
+        ``heads`` (L, H, n, 7): head statistics already computed where the keys live (the live plugin
+        computes them next to vLLM's KV cache with ``head_stats(probs_from_qk(...))``); otherwise they are
+        computed here from ``acts.q`` / ``acts.k``.
+        """
         if acts.n_layers != self.clt.n_layers:
             raise ArtifactMismatch(
                 f"activations have {acts.n_layers} layers; the transcoder has {self.clt.n_layers}"
@@ -238,7 +244,17 @@ class SignatureBuilder:
             dim=-1,
         )  # (L, n, 6)
         positions = torch.tensor(acts.positions)
-        if self.with_heads:
+        if heads is not None:
+            if (
+                heads.ndim != 4
+                or heads.shape[0] != acts.n_layers
+                or heads.shape[2:] != (len(acts.positions), 7)
+            ):
+                raise InvalidInput(
+                    f"heads must be (L, H, n, 7) for L={acts.n_layers}, got {tuple(heads.shape)}"
+                )
+            heads = heads.float()
+        elif self.with_heads:
             heads = head_stats(attention_probs(acts), positions)  # (L, H, n, 7)
         else:
             heads = torch.zeros(acts.n_layers, 0, len(acts.positions), 7)
