@@ -168,13 +168,14 @@ class SidecarProcess:
 
 @contextmanager
 def serve_sidecar(
-    workdir: Path, env: Mapping[str, str] | None = None, timeout_s: float = 120.0
+    workdir: Path, env: Mapping[str, str] | None = None, timeout_s: float = 120.0, grpc_port: int = 0
 ) -> Iterator[SidecarProcess]:
-    """``residue serve`` on free 127.0.0.1 ports (gRPC and /metrics); ``env`` adds ``RESIDUE_*`` /
-    ``REDIS_URL`` settings. Yields once health answers SERVING; SIGTERM (graceful drain) on exit."""
+    """``residue serve`` on free 127.0.0.1 ports (gRPC and /metrics; ``grpc_port`` fixes the former);
+    ``env`` adds ``RESIDUE_*`` / ``REDIS_URL`` settings. Yields once health answers SERVING; SIGTERM
+    (graceful drain) on exit."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port = grpc_port or free_port(), free_port()
     cmd = [sys.executable, "-c", "from residue_monitor.service.cli import app; app()", "serve",
            "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port)]  # fmt: skip
     full_env = {
