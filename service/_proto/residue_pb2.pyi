@@ -64,14 +64,28 @@ TARGET_KIND_TOKEN: TargetKind
 TARGET_KIND_CONTRAST: TargetKind
 
 class IngestMessage(_message.Message):
-    __slots__ = ("start", "frame", "end")
+    __slots__ = ("start", "frame", "end", "plugin_stats")
     START_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_STATS_FIELD_NUMBER: _ClassVar[int]
     start: RequestStart
     frame: ResidueFrame
     end: RequestEnd
-    def __init__(self, start: _Optional[_Union[RequestStart, _Mapping]] = ..., frame: _Optional[_Union[ResidueFrame, _Mapping]] = ..., end: _Optional[_Union[RequestEnd, _Mapping]] = ...) -> None: ...
+    plugin_stats: PluginStats
+    def __init__(self, start: _Optional[_Union[RequestStart, _Mapping]] = ..., frame: _Optional[_Union[ResidueFrame, _Mapping]] = ..., end: _Optional[_Union[RequestEnd, _Mapping]] = ..., plugin_stats: _Optional[_Union[PluginStats, _Mapping]] = ...) -> None: ...
+
+class PluginStats(_message.Message):
+    __slots__ = ("instance_id", "queue_full", "hook_errors", "send_errors")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FULL_FIELD_NUMBER: _ClassVar[int]
+    HOOK_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    SEND_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    queue_full: int
+    hook_errors: int
+    send_errors: int
+    def __init__(self, instance_id: _Optional[str] = ..., queue_full: _Optional[int] = ..., hook_errors: _Optional[int] = ..., send_errors: _Optional[int] = ...) -> None: ...
 
 class RequestStart(_message.Message):
     __slots__ = ("request_id", "model", "clt_id", "start_time", "prompt_tokens", "num_cached_tokens", "prompt_token_ids", "token_ids_opted_in", "tenant")

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,8 @@ FINISH = {
 }
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
 SWEEP_EVERY_S = 1.0
+STATS_EVERY_S = 2.0
+"""How often changed drop counters are reported to the sidecar (``PluginStats``)."""
 
 
 @dataclass
@@ -49,7 +52,7 @@ class SenderStats:
     connects: int = 0
     connect_failures: int = 0
     lost_in_flight: int = 0
-    """Messages handed to a stream that then failed (the sidecar may or may not have them)."""
+    """Streams that failed with messages in flight (the sidecar may or may not have them)."""
 
 
 class FrameSender:
@@ -73,6 +76,9 @@ class FrameSender:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._tls_ca = tls_ca
         self._q: queue.Queue[Event] = queue.Queue(maxsize=queue_size)
+        self.instance_id = uuid.uuid4().hex
+        self.hook_errors: Callable[[], int] = lambda: 0
+        """The capture's hook-error count, reported with the sender's own drops."""
         self.on_idle: Callable[[], None] | None = None
         """Called about once a second from the sender thread (the capture's ``sweep``)."""
         self._max_bytes = max_message_bytes
@@ -175,13 +181,32 @@ class FrameSender:
             return grpc.secure_channel(self.target, grpc.ssl_channel_credentials(self._tls_ca), options=opts)
         return grpc.insecure_channel(self.target, options=opts)
 
+    def plugin_stats(self) -> pb.IngestMessage:
+        """The cumulative drop counters of this plugin process, as an IngestMessage."""
+        ps = pb.PluginStats(
+            instance_id=self.instance_id,
+            queue_full=self.stats.dropped_queue_full,
+            hook_errors=self.hook_errors(),
+            send_errors=self.stats.lost_in_flight,
+        )
+        return pb.IngestMessage(plugin_stats=ps)
+
     def _stream(self, resend: list[pb.IngestMessage]) -> Iterator[pb.IngestMessage]:
         yield from resend
-        last_sweep = time.monotonic()
+        last = self.plugin_stats()
+        yield last
+        last_sweep = last_stats = time.monotonic()
         while not self._stop.is_set():
-            if self.on_idle is not None and time.monotonic() - last_sweep >= SWEEP_EVERY_S:
-                last_sweep = time.monotonic()
+            now = time.monotonic()
+            if self.on_idle is not None and now - last_sweep >= SWEEP_EVERY_S:
+                last_sweep = now
                 self.on_idle()
+            if now - last_stats >= STATS_EVERY_S:
+                last_stats = now
+                current = self.plugin_stats()
+                if current != last:
+                    last = current
+                    yield current
             try:
                 ev = self._q.get(timeout=0.2)
             except queue.Empty:

@@ -125,6 +125,7 @@ def _install(worker: Any) -> tuple[Any, Any] | _Off:
         send_token_ids=cfg.send_token_ids,
     )
     sender.on_idle = cap.sweep
+    sender.hook_errors = lambda: sum(cap.stats.hook_errors.values())
     sender.start()
     cap.install()
     logger.info(

@@ -42,6 +42,9 @@ from residue_monitor.service.store import Store
 logger = logging.getLogger(__name__)
 
 R = pb.RejectReason
+MAX_INSTANCE_ID = 128
+MAX_PLUGINS = 4096
+"""Plugin instances whose last counters are remembered (the oldest report is forgotten first)."""
 _DROP_LABEL = {"unknown_request": "unknown_request", "late": "late", "duplicate": "duplicate",
                "over_limit": "over_limit"}  # fmt: skip
 """Assembler drop reasons → exporter label (the same names; anything new folds into 'other' there)."""
@@ -106,10 +109,14 @@ class IngestPipeline:
         self._writes: set[asyncio.Task[None]] = set()
         self._store_errors_seen = store.stats().errors
         self._bands: dict[int, list[str]] = {}  # n_layers → layer_band label of each layer
+        self._plugins: dict[str, tuple[int, int, int]] = {}  # plugin instance → its last counters
 
     async def handle(self, msg: pb.IngestMessage, counts: StreamCounts) -> None:
         """Ingest one message; raises ``Rejected`` (invalid) or ``LimitExceeded`` (over a bound)."""
         t0 = time.perf_counter()
+        if msg.WhichOneof("kind") == "plugin_stats":
+            self.plugin_stats(msg.plugin_stats, counts)
+            return
         try:
             event = to_event(msg, self._limits)
         except Rejected as e:
@@ -120,6 +127,22 @@ class IngestPipeline:
         await self._apply(event, counts)
         if isinstance(event, Frame):
             self._stats.observe_ingest_latency(time.perf_counter() - t0)
+
+    def plugin_stats(self, ps: pb.PluginStats, counts: StreamCounts) -> None:
+        """Add what a plugin lost since its previous report to the dropped-frames counters."""
+        if not 1 <= len(ps.instance_id) <= MAX_INSTANCE_ID:
+            counts.reject(R.REJECT_REASON_MALFORMED, "PluginStats.instance_id must be 1..128 characters")
+            raise Rejected(R.REJECT_REASON_MALFORMED, "PluginStats.instance_id must be 1..128 characters")
+        now = (ps.queue_full, ps.hook_errors, ps.send_errors)
+        before = self._plugins.pop(ps.instance_id, (0, 0, 0))
+        if any(n < b for n, b in zip(now, before, strict=True)):
+            before = (0, 0, 0)  # the counters went down: a new process under the same id
+        for reason, n, b in zip(("queue_full", "hook_error", "send_error"), now, before, strict=True):
+            if n > b:
+                self._stats.inc_frames_dropped(reason, n - b)
+        self._plugins[ps.instance_id] = now  # re-inserted last: the dict is oldest-first
+        while len(self._plugins) > MAX_PLUGINS:
+            del self._plugins[next(iter(self._plugins))]
 
     async def tick(self) -> None:
         """Expire idle requests and orphans; refresh the store gauges."""

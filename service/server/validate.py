@@ -83,7 +83,13 @@ def to_event(msg: pb.IngestMessage, limits: FrameLimits) -> Start | Frame | End:
         return check_start(msg.start, limits)
     if kind == "end":
         return check_end(msg.end)
-    raise Rejected(R.REJECT_REASON_EMPTY_MESSAGE, "IngestMessage has no kind: set one of start, frame, end")
+    if kind == "plugin_stats":
+        raise Rejected(
+            R.REJECT_REASON_MALFORMED, "PluginStats is not a request event (IngestPipeline reads it)"
+        )
+    raise Rejected(
+        R.REJECT_REASON_EMPTY_MESSAGE, "IngestMessage has no kind: set one of start, frame, end, plugin_stats"
+    )
 
 
 def check_start(s: pb.RequestStart, limits: FrameLimits) -> Start:

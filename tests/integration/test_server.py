@@ -417,6 +417,27 @@ async def test_invalid_starts_and_empty_messages(sidecar: Sidecar, requests: lis
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in (err.details() or "")
 
 
+async def test_plugin_drop_reports_feed_the_dropped_frames_counter(sidecar: Sidecar) -> None:
+    """PluginStats carry a plugin process' cumulative drops: the sidecar counts what grew since that
+    process' last report, starts over when its counters go down (a restart), and keeps processes apart;
+    an instance id that is empty or too long is INVALID_ARGUMENT."""
+
+    def ps(instance: str, q: int, h: int, s: int) -> pb.IngestMessage:
+        return pb.IngestMessage(
+            plugin_stats=pb.PluginStats(instance_id=instance, queue_full=q, hook_errors=h, send_errors=s)
+        )
+
+    async with channel(sidecar) as ch:
+        stub = pb_grpc.ResidueServiceStub(ch)
+        await ingest(stub, [ps("a", 3, 1, 0), ps("a", 5, 1, 2), ps("b", 4, 0, 0)])
+        await ingest(stub, [ps("a", 1, 0, 0)])  # process "a" restarted
+        dropped = sidecar.stats.snapshot().frames_dropped
+        assert (dropped["queue_full"], dropped["hook_error"], dropped["send_error"]) == (5 + 4 + 1, 1, 2)
+        for bad in ("", "x" * 129):
+            err = await rpc_error(ingest(stub, [ps(bad, 1, 0, 0)]))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "instance_id" in (err.details() or "")
+
+
 async def test_unknown_ids(make_sidecar: MakeSidecar, requests: list[Messages]) -> None:
     """GetResidue of an unknown id is NOT_FOUND; frames that arrive before their start (within the grace
     period) join the request; frames whose start never comes are dropped and counted."""

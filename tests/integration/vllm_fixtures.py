@@ -53,6 +53,11 @@ def tiny_vllm_clt(folder: Path) -> Path:
     return folder
 
 
+def request_of(m: pb.IngestMessage) -> str:
+    kind = m.WhichOneof("kind")
+    return getattr(m, kind).request_id if kind in ("start", "frame", "end") else ""
+
+
 class IngestSink(pb_grpc.ResidueServiceServicer):
     """A stand-in sidecar: records every IngestMessage of every stream, in arrival order."""
 
@@ -71,8 +76,13 @@ class IngestSink(pb_grpc.ResidueServiceServicer):
         return pb.IngestSummary()
 
     def of(self, request_id: str) -> list[pb.IngestMessage]:
+        """One request's messages (PluginStats, which belong to no request, left out)."""
         with self.lock:
-            return [m for m in self.messages if getattr(m, m.WhichOneof("kind")).request_id == request_id]
+            return [m for m in self.messages if request_of(m) == request_id]
+
+    def plugin_stats(self) -> list[pb.PluginStats]:
+        with self.lock:
+            return [m.plugin_stats for m in self.messages if m.WhichOneof("kind") == "plugin_stats"]
 
     def wait_end(self, request_id: str, timeout_s: float = 20.0) -> list[pb.IngestMessage]:
         deadline = time.monotonic() + timeout_s
