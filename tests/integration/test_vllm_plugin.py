@@ -13,18 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from residue_monitor.detectors.capture import generate_and_capture
 from residue_monitor.detectors.clt.io import load_clt
-from residue_monitor.detectors.signature import RowSignature, SignatureBuilder
+from residue_monitor.detectors.signature import SignatureBuilder
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service.plugin.launch import VllmServer, vllm_command
-from residue_monitor.service.server.residue import row_of
-from residue_monitor.service.server.validate import FrameLimits, to_event
 from tests.integration.vllm_fixtures import (
     IngestSink,
+    assert_parity,
     free_port,
     get,
     need_vllm,
@@ -92,10 +89,6 @@ def _requests(srv: VllmServer) -> list[dict[str, Any]]:
         return list(ex.map(lambda c: post(srv.url + c[0], c[1]), calls))
 
 
-def _rows(msgs: list[pb.IngestMessage], n_layers: int) -> list[RowSignature]:
-    return [row_of(to_event(m, FrameLimits()), n_layers) for m in msgs if m.WhichOneof("kind") == "frame"]  # type: ignore[arg-type]
-
-
 def test_live_signatures_equal_the_hf_reference(
     server: VllmServer, sink: IngestSink, setup: dict[str, Any], tiny_hf_128: tuple[Any, Any]
 ) -> None:
@@ -105,34 +98,8 @@ def test_live_signatures_equal_the_hf_reference(
     hf, _tok = tiny_hf_128
     clt = load_clt(setup["clt"])
     builder = SignatureBuilder.for_model(hf, clt, k=32, model=setup["model"].name)
-    eos = int(hf.config.eos_token_id)
     for resp in _requests(server):
-        rid = resp["id"]
-        msgs = sink.wait_end(rid)
-        start, end = msgs[0].start, msgs[-1].end
-        assert msgs[0].WhichOneof("kind") == "start" and start.token_ids_opted_in
-        choice = resp["choices"][0]
-        prompt_ids = list(resp.get("prompt_token_ids") or choice["prompt_token_ids"])
-        assert list(start.prompt_token_ids) == prompt_ids and start.prompt_tokens == len(prompt_ids)
-        assert start.model == setup["model"].name and start.clt_id == clt.clt_id()
-        tokens, acts, _ = generate_and_capture(
-            hf, prompt_ids, MAX_TOKENS, eos_ids=[eos], decode_every=DECODE_EVERY
-        )
-        assert tokens == choice["token_ids"], rid
-        assert end.output_tokens == len(tokens)
-        want = builder.build(acts).rows
-        got = _rows(msgs, clt.n_layers)
-        assert [(r.position, r.phase) for r in got] == [(r.position, r.phase) for r in want], rid
-        for g, w in zip(got, want, strict=True):
-            width = g.feature_ids.shape[1]  # frames carry only active features; the reference pads to k
-            assert not w.feature_values[:, width:].any()
-            w_ids, w_vals = w.feature_ids[:, :width], w.feature_values[:, :width]
-            active = w_vals > 1e-3  # ids of (near-)zero activations may tie
-            np.testing.assert_array_equal(g.feature_ids[active], w_ids[active], err_msg=rid)
-            np.testing.assert_allclose(g.feature_values, w_vals, atol=1e-4, err_msg=rid)
-            np.testing.assert_allclose(g.layer_stats, w.layer_stats, rtol=1e-4, atol=1e-4, err_msg=rid)
-            np.testing.assert_allclose(g.heads, w.heads, atol=1e-4, err_msg=rid)
-            np.testing.assert_allclose(g.logits, w.logits, atol=1e-4, err_msg=rid)
+        assert_parity(resp, sink.wait_end(resp["id"]), hf, builder, MAX_TOKENS, DECODE_EVERY)
 
 
 def test_prefix_cached_prompt_is_recorded_and_still_signed(server: VllmServer, sink: IngestSink) -> None:

@@ -19,13 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
+from residue_monitor.detectors.capture import generate_and_capture
 from residue_monitor.detectors.clt.io import save_clt
 from residue_monitor.detectors.clt.model import CLTConfig, random_clt
+from residue_monitor.detectors.signature import RowSignature, SignatureBuilder
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.models import PreparedModel, build_tiny_llama
+from residue_monitor.service.server.residue import row_of
+from residue_monitor.service.server.validate import FrameLimits, to_event
 
 TINY_VLLM = {"d_model": 128, "d_mlp": 256, "n_heads": 4, "n_kv_heads": 2}
 
@@ -105,3 +110,50 @@ def post(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, 
 def get(url: str, timeout_s: float = 30.0) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=timeout_s) as r:
         return json.loads(r.read())
+
+
+def frame_rows(msgs: list[pb.IngestMessage], n_layers: int) -> list[RowSignature]:
+    """The frames of one request decoded as the sidecar decodes them."""
+    return [row_of(to_event(m, FrameLimits()), n_layers) for m in msgs if m.WhichOneof("kind") == "frame"]  # type: ignore[arg-type]
+
+
+def assert_parity(
+    resp: dict[str, Any],
+    msgs: list[pb.IngestMessage],
+    hf: Any,
+    builder: SignatureBuilder,
+    max_tokens: int,
+    decode_every: int,
+    atol: float = 1e-4,
+) -> None:
+    """One OpenAI response's frames (prompt ids opted in) equal the HF reference signature of the same
+    token ids: same rows and phases, same top-k feature ids (above 1e-3), values, error ratios, head and
+    logit statistics within ``atol``; HF's greedy tokens equal vLLM's."""
+    rid = resp["id"]
+    start, end = msgs[0].start, msgs[-1].end
+    assert msgs[0].WhichOneof("kind") == "start" and start.token_ids_opted_in, rid
+    assert msgs[-1].WhichOneof("kind") == "end", rid
+    choice = resp["choices"][0]
+    prompt_ids = list(resp.get("prompt_token_ids") or choice["prompt_token_ids"])
+    assert list(start.prompt_token_ids) == prompt_ids and start.prompt_tokens == len(prompt_ids)
+    assert start.model == builder.model and start.clt_id == builder.clt_id
+    eos = hf.config.eos_token_id
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    tokens, acts, _ = generate_and_capture(
+        hf, prompt_ids, max_tokens, eos_ids=eos_ids, decode_every=decode_every
+    )
+    assert tokens == choice["token_ids"], rid
+    assert end.output_tokens == len(tokens)
+    want = builder.build(acts).rows
+    got = frame_rows(msgs, builder.clt.n_layers)
+    assert [(r.position, r.phase) for r in got] == [(r.position, r.phase) for r in want], rid
+    for g, w in zip(got, want, strict=True):
+        width = g.feature_ids.shape[1]  # frames carry only active features; the reference pads to k
+        assert not w.feature_values[:, width:].any()
+        w_ids, w_vals = w.feature_ids[:, :width], w.feature_values[:, :width]
+        active = w_vals > 1e-3  # ids of (near-)zero activations may tie
+        np.testing.assert_array_equal(g.feature_ids[active], w_ids[active], err_msg=rid)
+        np.testing.assert_allclose(g.feature_values, w_vals, atol=atol, err_msg=rid)
+        np.testing.assert_allclose(g.layer_stats, w.layer_stats, rtol=atol, atol=atol, err_msg=rid)
+        np.testing.assert_allclose(g.heads, w.heads, atol=atol, err_msg=rid)
+        np.testing.assert_allclose(g.logits, w.logits, atol=atol, err_msg=rid)
