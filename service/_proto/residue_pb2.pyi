@@ -76,16 +76,20 @@ class IngestMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[RequestStart, _Mapping]] = ..., frame: _Optional[_Union[ResidueFrame, _Mapping]] = ..., end: _Optional[_Union[RequestEnd, _Mapping]] = ..., plugin_stats: _Optional[_Union[PluginStats, _Mapping]] = ...) -> None: ...
 
 class PluginStats(_message.Message):
-    __slots__ = ("instance_id", "queue_full", "hook_errors", "send_errors")
+    __slots__ = ("instance_id", "queue_full", "hook_errors", "send_errors", "capture_seconds", "captured_steps")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FULL_FIELD_NUMBER: _ClassVar[int]
     HOOK_ERRORS_FIELD_NUMBER: _ClassVar[int]
     SEND_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_STEPS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     queue_full: int
     hook_errors: int
     send_errors: int
-    def __init__(self, instance_id: _Optional[str] = ..., queue_full: _Optional[int] = ..., hook_errors: _Optional[int] = ..., send_errors: _Optional[int] = ...) -> None: ...
+    capture_seconds: float
+    captured_steps: int
+    def __init__(self, instance_id: _Optional[str] = ..., queue_full: _Optional[int] = ..., hook_errors: _Optional[int] = ..., send_errors: _Optional[int] = ..., capture_seconds: _Optional[float] = ..., captured_steps: _Optional[int] = ...) -> None: ...
 
 class RequestStart(_message.Message):
     __slots__ = ("request_id", "model", "clt_id", "start_time", "prompt_tokens", "num_cached_tokens", "prompt_token_ids", "token_ids_opted_in", "tenant")

@@ -164,6 +164,8 @@ class CaptureStats:
     """Requests left out by ``RESIDUE_SAMPLE_REQUEST_FRACTION``."""
     hook_errors: dict[str, int] = field(default_factory=dict[str, int])
     heads_disabled_reason: str = ""
+    capture_seconds: float = 0.0
+    """Time spent in the hooks on the forward thread (the plugin's cost to each step)."""
 
 
 # -------------------------------------------------------------------------------------------- capture
@@ -255,8 +257,10 @@ class LiveCapture:
         def hook(*args: Any, **kwargs: Any) -> None:
             if not self.enabled:
                 return
+            t0 = time.perf_counter()
             try:
                 fn(*args, **kwargs)
+                self.stats.capture_seconds += time.perf_counter() - t0
             except Exception as e:  # the forward pass must go on whatever happens here
                 self._plan = None
                 self.stats.hook_errors[where] = self.stats.hook_errors.get(where, 0) + 1

@@ -77,8 +77,8 @@ class FrameSender:
         self._tls_ca = tls_ca
         self._q: queue.Queue[Event] = queue.Queue(maxsize=queue_size)
         self.instance_id = uuid.uuid4().hex
-        self.hook_errors: Callable[[], int] = lambda: 0
-        """The capture's hook-error count, reported with the sender's own drops."""
+        self.capture_counters: Callable[[], tuple[int, float, int]] = lambda: (0, 0.0, 0)
+        """The capture's (hook errors, seconds in hooks, planned steps), reported with the sender's drops."""
         self.on_idle: Callable[[], None] | None = None
         """Called about once a second from the sender thread (the capture's ``sweep``)."""
         self._max_bytes = max_message_bytes
@@ -183,12 +183,10 @@ class FrameSender:
 
     def plugin_stats(self) -> pb.IngestMessage:
         """The cumulative drop counters of this plugin process, as an IngestMessage."""
-        ps = pb.PluginStats(
-            instance_id=self.instance_id,
-            queue_full=self.stats.dropped_queue_full,
-            hook_errors=self.hook_errors(),
-            send_errors=self.stats.lost_in_flight,
-        )
+        hook_errors, seconds, steps = self.capture_counters()
+        ps = pb.PluginStats(instance_id=self.instance_id, queue_full=self.stats.dropped_queue_full,
+                            hook_errors=hook_errors, send_errors=self.stats.lost_in_flight,
+                            capture_seconds=seconds, captured_steps=steps)  # fmt: skip
         return pb.IngestMessage(plugin_stats=ps)
 
     def _stream(self, resend: list[pb.IngestMessage]) -> Iterator[pb.IngestMessage]:

@@ -125,7 +125,11 @@ def _install(worker: Any) -> tuple[Any, Any] | _Off:
         send_token_ids=cfg.send_token_ids,
     )
     sender.on_idle = cap.sweep
-    sender.hook_errors = lambda: sum(cap.stats.hook_errors.values())
+    sender.capture_counters = lambda: (
+        sum(cap.stats.hook_errors.values()),
+        cap.stats.capture_seconds,
+        cap.stats.steps,
+    )
     sender.start()
     cap.install()
     logger.info(

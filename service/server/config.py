@@ -21,6 +21,7 @@ MiB = 1 << 20
 ENV: Mapping[str, str] = {
     "host": "RESIDUE_HOST",
     "port": "RESIDUE_PORT",
+    "health_port": "RESIDUE_HEALTH_PORT",
     "metrics_host": "RESIDUE_METRICS_HOST",
     "metrics_port": "RESIDUE_METRICS_PORT",
     "redis_url": "REDIS_URL",
@@ -52,6 +53,10 @@ class ServerConfig:
     """``RESIDUE_HOST``: address the gRPC server listens on ('[::]' for IPv6)."""
     port: int = 50051
     """``RESIDUE_PORT``: gRPC port; 0 picks a free one (tests)."""
+    health_port: int = -1
+    """``RESIDUE_HEALTH_PORT``: a second port serving only ``grpc.health.v1``, in plaintext and without a
+    token (kubelet's gRPC probe speaks neither TLS nor auth); -1 = none (health stays on the main port
+    too), 0 picks a free one."""
     metrics_host: str = "0.0.0.0"
     """``RESIDUE_METRICS_HOST``: address of the Prometheus /metrics endpoint."""
     metrics_port: int = 9464
@@ -99,8 +104,8 @@ class ServerConfig:
     """``RESIDUE_GRACE_S``: after that, seconds in-flight calls get to finish before they are cancelled."""
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
-            low = -1 if name == "metrics_port" else 0
+        for name in ("port", "metrics_port", "health_port"):
+            low = -1 if name in ("metrics_port", "health_port") else 0
             if not low <= getattr(self, name) <= 65535:
                 raise InvalidInput(f"{ENV[name]} must be a port in {low}..65535, got {getattr(self, name)}")
         for name in ("max_concurrent_rpcs", "max_open_requests", "max_frames_per_request", "max_layers",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ class IngestPipeline:
         self._writes: set[asyncio.Task[None]] = set()
         self._store_errors_seen = store.stats().errors
         self._bands: dict[int, list[str]] = {}  # n_layers → layer_band label of each layer
-        self._plugins: dict[str, tuple[int, int, int]] = {}  # plugin instance → its last counters
+        self._plugins: dict[str, tuple[float, ...]] = {}  # plugin instance → its last counters
 
     async def handle(self, msg: pb.IngestMessage, counts: StreamCounts) -> None:
         """Ingest one message; raises ``Rejected`` (invalid) or ``LimitExceeded`` (over a bound)."""
@@ -133,13 +134,18 @@ class IngestPipeline:
         if not 1 <= len(ps.instance_id) <= MAX_INSTANCE_ID:
             counts.reject(R.REJECT_REASON_MALFORMED, "PluginStats.instance_id must be 1..128 characters")
             raise Rejected(R.REJECT_REASON_MALFORMED, "PluginStats.instance_id must be 1..128 characters")
-        now = (ps.queue_full, ps.hook_errors, ps.send_errors)
-        before = self._plugins.pop(ps.instance_id, (0, 0, 0))
+        if not (math.isfinite(ps.capture_seconds) and ps.capture_seconds >= 0):
+            counts.reject(R.REJECT_REASON_MALFORMED, "PluginStats.capture_seconds must be finite and >= 0")
+            raise Rejected(R.REJECT_REASON_MALFORMED, "PluginStats.capture_seconds must be finite and >= 0")
+        now = (ps.queue_full, ps.hook_errors, ps.send_errors, ps.captured_steps, ps.capture_seconds)
+        before = self._plugins.pop(ps.instance_id, (0, 0, 0, 0, 0.0))
         if any(n < b for n, b in zip(now, before, strict=True)):
-            before = (0, 0, 0)  # the counters went down: a new process under the same id
-        for reason, n, b in zip(("queue_full", "hook_error", "send_error"), now, before, strict=True):
+            before = (0, 0, 0, 0, 0.0)  # the counters went down: a new process under the same id
+        for reason, n, b in zip(("queue_full", "hook_error", "send_error"), now, before, strict=False):
             if n > b:
-                self._stats.inc_frames_dropped(reason, n - b)
+                self._stats.inc_frames_dropped(reason, int(n - b))
+        if now[3] > before[3]:
+            self._stats.observe_capture_overhead((now[4] - before[4]) / (now[3] - before[3]))
         self._plugins[ps.instance_id] = now  # re-inserted last: the dict is oldest-first
         while len(self._plugins) > MAX_PLUGINS:
             del self._plugins[next(iter(self._plugins))]

@@ -77,6 +77,9 @@ class Sidecar:
         self.hub = FlagHub()
         self._draining = asyncio.Event()
         self._server: aio.Server | None = None
+        self._health_server: aio.Server | None = None
+        self.health_port: int | None = None
+        """The bound plaintext health-only port (after ``start``), None when ``RESIDUE_HEALTH_PORT`` is -1."""
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack grpc's aio
         self._ticker: asyncio.Task[None] | None = None
         self._metrics: MetricsServer | None = None
@@ -148,6 +151,13 @@ class Sidecar:
             self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
+        if cfg.health_port >= 0:
+            # Probes carry no token and speak no TLS: this port serves the health service alone.
+            hs = aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, hs)
+            self.health_port = hs.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+            await hs.start()
+            self._health_server = hs
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         tick_s = min(1.0, cfg.orphan_grace_s / 4, cfg.request_expiry_s / 4)
@@ -175,6 +185,8 @@ class Sidecar:
         self.hub.close()
         if self._server is not None:
             await self._server.stop(cfg.grace_s if grace_s is None else grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -283,11 +283,8 @@ def test_vllm_runs_with_the_residue_plugin(overlay: str) -> None:
     assert args[args.index("--model") + 1].startswith("/models/")
     env = env_of(vllm)
     assert env["RESIDUE_ENABLED"]["value"] == "1"
-    assert env["RESIDUE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "auth-token"
-    assert (
-        config_env(overlay)["RESIDUE_SIDECAR_TARGET"]
-        == f"localhost:{config_env(overlay)['RESIDUE_GRPC_PORT']}"
-    )
+    assert env["RESIDUE_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "auth-token"
+    assert config_env(overlay)["RESIDUE_SIDECAR_TARGET"] == f"localhost:{config_env(overlay)['RESIDUE_PORT']}"
     sidecar = container(overlay, "residue-sidecar")
     assert sidecar["command"] == ["residue", "serve"]
     mounts = {m["mountPath"]: m for m in vllm["volumeMounts"]}
@@ -485,7 +482,7 @@ def compose(env: dict[str, str] | None = None) -> dict[str, Any]:
     return yaml.safe_load(text if env is None else interpolate(text, env))
 
 
-COMPOSE_ENV = {"RESIDUE_AUTH_TOKEN": "t0ken", "REDIS_PASSWORD": "pw"}
+COMPOSE_ENV = {"RESIDUE_TOKEN": "t0ken", "REDIS_PASSWORD": "pw"}
 
 
 @pytest.mark.parametrize("interpolated", [False, True], ids=["raw", "interpolated"])
@@ -509,11 +506,11 @@ def test_compose_schema_validation_is_real() -> None:
 
 
 def test_compose_interpolation_requires_the_secrets() -> None:
-    """Without RESIDUE_AUTH_TOKEN and REDIS_PASSWORD compose refuses to start (the ${VAR:?} form)."""
-    with pytest.raises(KeyError, match="RESIDUE_AUTH_TOKEN"):
+    """Without RESIDUE_TOKEN and REDIS_PASSWORD compose refuses to start (the ${VAR:?} form)."""
+    with pytest.raises(KeyError, match="RESIDUE_TOKEN"):
         compose({"REDIS_PASSWORD": "pw"})
     with pytest.raises(KeyError, match="REDIS_PASSWORD"):
-        compose({"RESIDUE_AUTH_TOKEN": "t"})
+        compose({"RESIDUE_TOKEN": "t"})
 
 
 def test_compose_services() -> None:
@@ -544,9 +541,7 @@ def test_compose_services() -> None:
     sidecar = services["sidecar"]
     assert sidecar["command"] == ["residue", "serve"]
     assert sidecar["environment"]["REDIS_URL"] == "redis://:pw@redis:6379/0"
-    assert (
-        sidecar["environment"]["RESIDUE_AUTH_TOKEN"] == vllm["environment"]["RESIDUE_AUTH_TOKEN"] == "t0ken"
-    )
+    assert sidecar["environment"]["RESIDUE_TOKEN"] == vllm["environment"]["RESIDUE_TOKEN"] == "t0ken"
 
 
 def _run_healthcheck(test: list[str], old: str, new: str) -> int:
@@ -735,19 +730,13 @@ def test_grafana_provisioning_links_the_exporters_exemplar_label() -> None:
 # Dashboard queries that real sidecar traffic cannot feed, each with the reason. They must return no data
 # from the sidecar (strict xfail: an entry that starts returning data fails until it is removed here);
 # their PromQL is still run against Prometheus (an invalid query errors, which is not the expected failure).
-_PLUGIN_CAPTURE = (
-    "residue_capture_overhead_seconds is the forward-pass time the vLLM plugin's capture adds, timed inside "
-    "vLLM; the sidecar never sees it and nothing in it calls observe_capture_overhead (service/plugin, "
-    "which would report it, is not built yet)"
-)
 _PLUGIN_PREFILL = (
     "residue_prefill_risk is the plugin's failure forecast at the last prompt token, before generation; "
-    "the sidecar has no prefill scorer and nothing calls observe_prefill_risk (service/plugin is not "
-    "built yet), so its histogram stays empty (the prefill-flag ratio, query C, still returns 0)"
+    "the sidecar has no prefill scorer and nothing calls observe_prefill_risk (the prefill forecast, "
+    "issue 13, is not built yet), so its histogram stays empty (the prefill-flag ratio, query C, still "
+    "returns 0)"
 )
 PLUGIN_ONLY_TARGETS: dict[str, str] = {
-    "18-Capture_overhead-A": _PLUGIN_CAPTURE,
-    "18-Capture_overhead-B": _PLUGIN_CAPTURE,
     "10-Prefill_risk-A": _PLUGIN_PREFILL,
     "10-Prefill_risk-B": _PLUGIN_PREFILL,
 }

@@ -433,6 +433,10 @@ async def test_plugin_drop_reports_feed_the_dropped_frames_counter(sidecar: Side
         await ingest(stub, [ps("a", 1, 0, 0)])  # process "a" restarted
         dropped = sidecar.stats.snapshot().frames_dropped
         assert (dropped["queue_full"], dropped["hook_error"], dropped["send_error"]) == (5 + 4 + 1, 1, 2)
+        timing = pb.PluginStats(instance_id="c", captured_steps=100, capture_seconds=0.05)
+        await ingest(stub, [pb.IngestMessage(plugin_stats=timing)])
+        overhead = sidecar.stats.snapshot().capture_overhead_seconds
+        assert overhead.count == 1 and overhead.total == pytest.approx(0.0005)  # the mean per step
         for bad in ("", "x" * 129):
             err = await rpc_error(ingest(stub, [ps(bad, 1, 0, 0)]))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "instance_id" in (err.details() or "")
@@ -525,6 +529,23 @@ async def test_bearer_token(make_sidecar: MakeSidecar, requests: list[Messages])
         assert (await stub.GetResidue(get, metadata=good)).complete
         ok = await health_stub(ch).Check(health_pb2.HealthCheckRequest())
         assert ok.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_port_serves_probes_without_token_and_nothing_else(make_sidecar: MakeSidecar) -> None:
+    """RESIDUE_HEALTH_PORT: plaintext grpc.health.v1 without a token (what kubelet's probe can speak),
+    following the drain like the main port; the residue API is not served there."""
+    sidecar = await make_sidecar(token="s3cret-token", health_port=0)
+    assert sidecar.health_port and sidecar.health_port != sidecar.port
+    async with aio.insecure_channel(f"127.0.0.1:{sidecar.health_port}") as ch:
+        ok = await health_stub(ch).Check(health_pb2.HealthCheckRequest(service="residue.v1.ResidueService"))
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        err = await rpc_error(pb_grpc.ResidueServiceStub(ch).GetResidue(pb.GetResidueRequest(request_id="x")))
+        assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+        stopping = asyncio.create_task(sidecar.stop(grace_s=1.0, drain_delay_s=0.5))
+        await asyncio.sleep(0.1)
+        during = await health_stub(ch).Check(health_pb2.HealthCheckRequest())
+        assert during.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await asyncio.wait_for(stopping, 5.0)
 
 
 class SlowStore(MemoryStore):
