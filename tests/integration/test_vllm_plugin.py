@@ -131,6 +131,7 @@ def test_request_ended_by_the_front_end_is_closed(server: VllmServer, sink: Inge
 
 def test_status_route_reports_counters(server: VllmServer, sink: IngestSink) -> None:
     """GET /residue/status: capture active, no hook errors, nothing dropped, heads on."""
+    _requests(server)
     st = get(server.url + "/residue/status")["workers"][0]
     assert st["active"] is True
     assert st["capture"]["hook_errors"] == {} and st["capture"]["heads_disabled_reason"] == ""
