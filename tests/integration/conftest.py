@@ -38,11 +38,14 @@ def _free_port() -> int:
 class RedisServer:
     """One private ``redis-server`` process that a test may stop (kill -9) and start again on its port."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, appendonly: bool = False) -> None:
         self.binary = binary
         self.workdir = workdir
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.appendonly = appendonly
+        """Persist with an append-only file, fsync'd on every write (deploy/ uses AOF too): a killed server
+        restarted on the same folder keeps everything it acknowledged."""
 
     @property
     def url(self) -> str:
@@ -53,7 +56,8 @@ class RedisServer:
         """Start on ``self.port`` and wait until it answers PING."""
         assert self.proc is None, "already running"
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
              "--requirepass", REDIS_PASSWORD, "--dir", str(self.workdir)],
             cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -7,9 +7,14 @@ with d_model 128 and 4 heads (the default tiny model has head size 16).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -157,3 +162,88 @@ def assert_parity(
         np.testing.assert_allclose(g.layer_stats, w.layer_stats, rtol=atol, atol=atol, err_msg=rid)
         np.testing.assert_allclose(g.heads, w.heads, atol=atol, err_msg=rid)
         np.testing.assert_allclose(g.logits, w.logits, atol=atol, err_msg=rid)
+
+
+class SidecarProc:
+    """``residue serve`` as a child process on fixed ports, which a test may kill, pause and restart."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.port, self.metrics_port = free_port(), free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 180.0) -> SidecarProc:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        cmd = [sys.executable, "-c", "from residue_monitor.service.cli import app; app()", "serve", "--host",
+               "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port)]  # fmt: skip
+        env = {**os.environ, "RESIDUE_METRICS_HOST": "127.0.0.1", "RESIDUE_DRAIN_DELAY_S": "0",
+               "RESIDUE_GRACE_S": "2", **self.env}  # fmt: skip
+        with (self.workdir / "sidecar.log").open("ab") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.target) as ch:
+            health: Any = health_pb2_grpc.HealthStub(ch)
+            while True:
+                with contextlib.suppress(grpc.RpcError):
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                        return self
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"residue serve did not start; see {self.workdir / 'sidecar.log'}")
+                time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing drained."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample of the sidecar's /metrics (0 when absent)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        key = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def get_residue(self, request_id: str, timeout_s: float = 30.0) -> pb.ResidueRecord:
+        """The request's record once complete (waits: frames may still be on their way)."""
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        with grpc.insecure_channel(self.target) as ch:
+            stub = pb_grpc.ResidueServiceStub(ch)
+            while time.monotonic() < deadline:
+                try:
+                    rec = stub.GetResidue(pb.GetResidueRequest(request_id=request_id), timeout=5)
+                    if rec.complete:
+                        return rec
+                except grpc.RpcError as e:
+                    last = e
+                time.sleep(0.2)
+        raise AssertionError(f"no complete record for {request_id} in {timeout_s} s (last error: {last})")
