@@ -31,7 +31,16 @@ from residue_monitor.service.plugin.launch import VllmServer, vllm_command
 from residue_monitor.shells.catalog import get_shell, load_controls
 from residue_monitor.shells.fingerprint import FitConfig, fit_fingerprint, save_fingerprints
 from tests.integration.conftest import RedisServer
-from tests.integration.vllm_fixtures import free_port, get, need_vllm, post, tiny_vllm_clt, tiny_vllm_model
+from tests.integration.vllm_fixtures import (
+    SidecarProc,
+    free_port,
+    get,
+    need_vllm,
+    post,
+    self_signed,
+    tiny_vllm_clt,
+    tiny_vllm_model,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.redis]
 
@@ -167,3 +176,30 @@ def test_shell_prompt_raises_its_fingerprint_flag_live(stack: dict[str, Any]) ->
         text = r.read().decode()
     line = next(x for x in text.splitlines() if x.startswith(f'residue_flags_total{{fingerprint="{SHELL}"}}'))
     assert float(line.split()[-1]) >= 1
+
+
+def test_plugin_to_sidecar_over_tls_with_a_token(stack_setup: dict[str, Any], tmp_path: Path) -> None:
+    """A sidecar that requires TLS and a bearer token: the plugin, given the CA file and the token,
+    delivers every request; the sidecar's plaintext health port answers probes without either."""
+    key, cert = self_signed(tmp_path)
+    token = "plugin-s3cret"
+    side_env = {"RESIDUE_TLS_CERT": str(cert), "RESIDUE_TLS_KEY": str(key), "RESIDUE_TOKEN": token,
+                "RESIDUE_CLT": str(stack_setup["clt"])}  # fmt: skip
+    side = SidecarProc(tmp_path, side_env, ca=cert.read_bytes(), token=token)
+    side.start()
+    vport = free_port()
+    settings = {"RESIDUE_TLS_CA": str(cert), "RESIDUE_TOKEN": token}
+    argv, env = vllm_command(str(stack_setup["model"].path), port=vport, clt=str(stack_setup["clt"]),
+                             target=f"localhost:{side.port}", dtype="float32", max_model_len=1024,
+                             settings=settings)  # fmt: skip
+    try:
+        with VllmServer(argv, env, str(tmp_path / "vllm.log"), vport) as vllm:
+            resps = [
+                post(vllm.url + "/v1/completions", _completion(vllm, p)) for p in ("Hello", "Seven plus")
+            ]
+            for r in resps:
+                assert side.get_residue(r["id"]).output_tokens == r["usage"]["completion_tokens"]
+            st = get(vllm.url + "/residue/status")["workers"][0]["sender"]
+            assert st["connects"] >= 1 and st["lost_in_flight"] == 0
+    finally:
+        side.stop()

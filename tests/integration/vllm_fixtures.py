@@ -167,11 +167,22 @@ def assert_parity(
 class SidecarProc:
     """``residue serve`` as a child process on fixed ports, which a test may kill, pause and restart."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], ca: bytes | None = None, token: str = "") -> None:
+        """``ca``/``token``: how this test's own calls reach a sidecar started with TLS / a token (its
+        health is then read on the plaintext ``RESIDUE_HEALTH_PORT``)."""
         self.workdir = workdir
-        self.env = env
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.health_port = free_port(), free_port(), free_port()
+        self.env = {"RESIDUE_HEALTH_PORT": str(self.health_port), **env}
+        self.ca, self.token = ca, token
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def channel(self) -> grpc.Channel:
+        if self.ca is None:
+            return grpc.insecure_channel(self.target)
+        creds = grpc.ssl_channel_credentials(self.ca)
+        return grpc.secure_channel(
+            self.target, creds, options=[("grpc.ssl_target_name_override", "localhost")]
+        )
 
     @property
     def target(self) -> str:
@@ -187,7 +198,7 @@ class SidecarProc:
         with (self.workdir / "sidecar.log").open("ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.target) as ch:
+        with grpc.insecure_channel(f"127.0.0.1:{self.health_port}") as ch:
             health: Any = health_pb2_grpc.HealthStub(ch)
             while True:
                 with contextlib.suppress(grpc.RpcError):
@@ -236,14 +247,28 @@ class SidecarProc:
         """The request's record once complete (waits: frames may still be on their way)."""
         deadline = time.monotonic() + timeout_s
         last: Exception | None = None
-        with grpc.insecure_channel(self.target) as ch:
+        md = (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        with self.channel() as ch:
             stub = pb_grpc.ResidueServiceStub(ch)
             while time.monotonic() < deadline:
                 try:
-                    rec = stub.GetResidue(pb.GetResidueRequest(request_id=request_id), timeout=5)
+                    rec = stub.GetResidue(pb.GetResidueRequest(request_id=request_id), timeout=5, metadata=md)
                     if rec.complete:
                         return rec
                 except grpc.RpcError as e:
                     last = e
                 time.sleep(0.2)
         raise AssertionError(f"no complete record for {request_id} in {timeout_s} s (last error: {last})")
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """(key, certificate) PEM files for CN/SAN localhost and 127.0.0.1, valid one day (openssl CLI)."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip(f"openssl could not make a test certificate: {made.stderr.decode()[:200]}")
+    return key, cert
