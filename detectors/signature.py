@@ -11,7 +11,7 @@ signature from frames and runs the same detectors.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,6 +215,55 @@ class SignatureBuilder:
         return torch.stack(out)
 
     @torch.no_grad()
+    def build_rows(
+        self,
+        positions: Sequence[int],
+        phases: Sequence[Phase],
+        mlp_in: torch.Tensor,
+        mlp_out: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        heads: torch.Tensor,
+    ) -> tuple[RowSignature, ...]:
+        """Rows of any requests at once (the live plugin batches what its queue holds: one pass over the
+        transcoder's weights for all of them). mlp_in / mlp_out (L, n, D), logits (n, V), targets (n,),
+        heads (L, H, n, 7) (H may be 0)."""
+        L, n = mlp_in.shape[:2]
+        if self.clt.n_layers != L:
+            raise ArtifactMismatch(f"activations have {L} layers; the transcoder has {self.clt.n_layers}")
+        if heads.ndim != 4 or heads.shape[0] != L or heads.shape[2:] != (n, 7):
+            raise InvalidInput(f"heads must be (L, H, n, 7) for L={L}, n={n}, got {tuple(heads.shape)}")
+        if len(positions) != n or len(phases) != n or logits.shape[0] != n or targets.shape != (n,):
+            raise InvalidInput(f"need {n} positions, phases, logits rows and targets")
+        heads = heads.float()
+        codes = encode_rows(self.clt, mlp_in, mlp_out, k=self.k)
+        vals = codes.values.float() * (codes.values > 0)
+        unreached = self.unreached(codes.ids, vals, targets)  # (L, n)
+        stats = torch.stack(
+            [codes.error_ratio, codes.l0.float(), codes.mass, codes.in_norm, codes.out_norm, unreached],
+            dim=-1,
+        )  # (L, n, 6)
+        lstats = logit_stats(logits, self.eos_id)  # (n, 4)
+        ids_np = codes.ids.to(torch.int32).cpu().numpy()
+        vals_np = vals.cpu().numpy().astype(np.float32)
+        ids_np = np.where(vals_np > 0, ids_np, 0).astype(np.int32)
+        stats_np = stats.cpu().numpy().astype(np.float32)
+        heads_np = heads.cpu().numpy().astype(np.float32)
+        lstats_np = lstats.cpu().numpy().astype(np.float32)
+        return tuple(
+            RowSignature(
+                position=int(pos),
+                phase=ph,
+                feature_ids=_ro(ids_np[:, r]),
+                feature_values=_ro(vals_np[:, r]),
+                layer_stats=_ro(stats_np[:, r]),
+                heads=_ro(heads_np[:, :, r]),
+                logits=_ro(lstats_np[r]),
+            )
+            for r, (pos, ph) in enumerate(zip(positions, phases, strict=True))
+        )
+
+    @torch.no_grad()
     def build(
         self,
         acts: Activations,
@@ -236,44 +285,13 @@ class SignatureBuilder:
             raise ArtifactMismatch(
                 f"activations have {acts.n_layers} layers; the transcoder has {self.clt.n_layers}"
             )
-        codes = encode_rows(self.clt, acts.mlp_in, acts.mlp_out, k=self.k)
-        vals = codes.values.float() * (codes.values > 0)
-        unreached = self.unreached(codes.ids, vals, acts.targets)  # (L, n)
-        stats = torch.stack(
-            [codes.error_ratio, codes.l0.float(), codes.mass, codes.in_norm, codes.out_norm, unreached],
-            dim=-1,
-        )  # (L, n, 6)
-        positions = torch.tensor(acts.positions)
-        if heads is not None:
-            if (
-                heads.ndim != 4
-                or heads.shape[0] != acts.n_layers
-                or heads.shape[2:] != (len(acts.positions), 7)
-            ):
-                raise InvalidInput(
-                    f"heads must be (L, H, n, 7) for L={acts.n_layers}, got {tuple(heads.shape)}"
-                )
-            heads = heads.float()
-        elif self.with_heads:
-            heads = head_stats(attention_probs(acts), positions)  # (L, H, n, 7)
-        else:
-            heads = torch.zeros(acts.n_layers, 0, len(acts.positions), 7)
-        lstats = logit_stats(acts.logits, self.eos_id)  # (n, 4)
-        ids_np = codes.ids.to(torch.int32).numpy()
-        vals_np = vals.numpy().astype(np.float32)
-        ids_np = np.where(vals_np > 0, ids_np, 0).astype(np.int32)
-        rows = tuple(
-            RowSignature(
-                position=pos,
-                phase=ph,
-                feature_ids=_ro(ids_np[:, r]),
-                feature_values=_ro(vals_np[:, r]),
-                layer_stats=_ro(stats[:, r].numpy().astype(np.float32)),
-                heads=_ro(heads[:, :, r].numpy().astype(np.float32)),
-                logits=_ro(lstats[r].numpy().astype(np.float32)),
-            )
-            for r, (pos, ph) in enumerate(zip(acts.positions, acts.phases, strict=True))
-        )
+        if heads is None:
+            if self.with_heads:
+                heads = head_stats(attention_probs(acts), torch.tensor(acts.positions))  # (L, H, n, 7)
+            else:
+                heads = torch.zeros(acts.n_layers, 0, len(acts.positions), 7)
+        rows = self.build_rows(acts.positions, acts.phases, acts.mlp_in, acts.mlp_out, acts.logits,
+                               acts.targets, heads)  # fmt: skip
         return ResidueSignature(
             rows=rows,
             model=self.model,

@@ -190,12 +190,19 @@ class CrossLayerTranscoder(nn.Module):
             acts = [self.encode(xs[i], i) for i in range(L)]
         out = self.b_dec[:, None, :].expand(L, xs.shape[1], -1).clone()
         for i in range(L):
+            a, w_dec = acts[i], self.W_dec[i]
+            # Sparse codes (TopK keeps k of F): read only the decoder rows some row uses. For a few rows
+            # this skips most of the decoder's weights (the cost of encoding a handful of live rows is
+            # memory reads, not arithmetic); the result is the same sum.
+            used = (a != 0).any(0).nonzero().squeeze(-1)
+            if used.numel() * 4 < a.shape[-1]:
+                a, w_dec = a.index_select(-1, used), w_dec.index_select(0, used)
             if self.is_cross_layer:
                 # (n, F) @ (F, (L-i)·D) → (n, L-i, D): one matmul for every target layer.
-                w = self.W_dec[i].reshape(self.cfg.n_features, -1)
-                out[i:] += (acts[i] @ w).reshape(-1, L - i, self.cfg.d_model).transpose(0, 1)
+                w = w_dec.reshape(a.shape[-1], -1)
+                out[i:] += (a @ w).reshape(-1, L - i, self.cfg.d_model).transpose(0, 1)
             else:
-                out[i] += acts[i] @ self.W_dec[i]
+                out[i] += a @ w_dec
             out[i] += self.skip_out(xs[i], i)
         return out
 

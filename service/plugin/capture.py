@@ -37,8 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from residue_monitor.detectors.capture import Phase, probs_from_qk
-from residue_monitor.detectors.signature import head_stats
+from residue_monitor.detectors.capture import Phase
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +69,11 @@ class RowEvent:
     """(L, D) MLP inputs of the row."""
     mlp_out: torch.Tensor
     """(L, D) MLP outputs."""
-    heads: torch.Tensor | None
-    """(L, H, 7) head statistics (``signature.head_stats`` columns), None when not computed."""
+    q: torch.Tensor | None
+    """(L, H, d_head) post-rotary queries of the row; None when head statistics are off."""
+    keys: torch.Tensor | None
+    """(L, H_kv, position + 1, d_head) post-rotary keys of the request up to the row, copied out of the KV
+    cache (the sender computes the head statistics from q and these, off vLLM's forward thread)."""
     logits: torch.Tensor
     """(V,) raw next-token logits of the row."""
     target: int
@@ -398,7 +400,8 @@ class LiveCapture:
                 k = args[1] if len(args) > 1 else kwargs["key"]
                 n_tok = q.shape[0]
                 p.q[i] = q.reshape(n_tok, -1).index_select(0, p.rows)
-                p.k[i] = k.reshape(n_tok, -1).index_select(0, p.rows)
+                if self._key_layout is None:  # only the first kept row checks the KV cache reader
+                    p.k[i] = k.reshape(n_tok, -1).index_select(0, p.rows)
 
         return hook
 
@@ -415,8 +418,6 @@ class LiveCapture:
         if p is None or p.logits is None or any(x is None for x in p.mlp_out):
             return
         tokens = out.sampled_token_ids[:, 0].index_select(0, p.logit_rows).tolist()
-        mlp_in = torch.stack(p.mlp_in, dim=1)  # pyright: ignore[reportArgumentType]  # (n, L, D)
-        mlp_out = torch.stack(p.mlp_out, dim=1)  # pyright: ignore[reportArgumentType]  # (n, L, D)
         for r, (c, tok) in enumerate(zip(p.candidates, tokens, strict=True)):
             tr = c.tracked
             st = self.runner.requests.get(c.internal_id)
@@ -437,12 +438,14 @@ class LiveCapture:
             elif j % self.decode_every == 0:
                 phase = "decode"
             if phase is not None:
-                heads = self._heads(p, r, c) if self.heads else None
-                ok = self.sink(
-                    RowEvent(
-                        tr.external_id, c.position, phase, mlp_in[r], mlp_out[r], heads, p.logits[r], int(tok)
-                    )
-                )
+                keys = self._row_keys(p, r, c) if self.heads else None
+                q = None
+                if keys is not None:
+                    q = torch.stack([x[r] for x in p.q]).view(self.n_layers, self.n_heads, self.d_head)  # pyright: ignore
+                mlp_in = torch.stack([x[r] for x in p.mlp_in])  # pyright: ignore[reportOptionalSubscript]  # (L, D)
+                mlp_out = torch.stack([x[r] for x in p.mlp_out])  # pyright: ignore[reportOptionalSubscript]
+                ok = self.sink(RowEvent(tr.external_id, c.position, phase, mlp_in, mlp_out, q, keys,
+                                        p.logits[r], int(tok)))  # fmt: skip
                 self.stats.rows_kept += int(ok)
             if stop or length:
                 with self._lock:
@@ -471,35 +474,27 @@ class LiveCapture:
         # keys: (n_blocks, H_kv, bs, d)
         return keys.permute(1, 0, 2, 3).reshape(h_kv, n_blocks * bs, d)[:, : position + 1]
 
-    def _heads(self, p: _Plan, r: int, c: _Candidate) -> torch.Tensor | None:
+    def _row_keys(self, p: _Plan, r: int, c: _Candidate) -> torch.Tensor | None:
+        """(L, H_kv, T, d) keys of the row's request, copied out of the KV cache (None: heads are off)."""
         names = [getattr(a, "layer_name", "") for a in self.attn]
 
         def read(layout: str) -> torch.Tensor:  # (L, H_kv, T, d)
-            return torch.stack(
-                [
-                    self._keys(i, c.batch_index, c.position, p.attn_metadata[names[i]], layout)
-                    for i in range(self.n_layers)
-                ]
-            )
+            return torch.stack([self._keys(i, c.batch_index, c.position, p.attn_metadata[names[i]], layout)
+                                for i in range(self.n_layers)])  # fmt: skip
 
         if self._key_layout is None:
             given = torch.stack([k[r] for k in p.k]).float().reshape(self.n_layers, -1)  # pyright: ignore
             for layout in KEY_LAYOUTS:
                 K = read(layout)
-                if torch.allclose(
-                    K[:, :, c.position].float().reshape(self.n_layers, -1), given, rtol=1e-2, atol=1e-3
-                ):
+                mine = K[:, :, c.position].float().reshape(self.n_layers, -1)
+                if torch.allclose(mine, given, rtol=1e-2, atol=1e-3):
                     self._key_layout = layout
-                    break
-            else:
-                self.heads = False
-                self.stats.heads_disabled_reason = (
-                    "this attention backend's KV cache layout is not one the plugin reads; "
-                    "head statistics are off (the rest of the signature is unaffected)"
-                )
-                logger.warning("residue capture: %s", self.stats.heads_disabled_reason)
-                return None
-        K = read(self._key_layout)
-        q = torch.stack([x[r] for x in p.q]).view(self.n_layers, 1, self.n_heads, self.d_head)  # pyright: ignore
-        probs = probs_from_qk(q, K, (c.position,), self.attn_scale)  # (L, H, 1, T)
-        return head_stats(probs, torch.tensor([c.position]))[:, :, 0]  # (L, H, 7)
+                    return K
+            self.heads = False
+            self.stats.heads_disabled_reason = (
+                "this attention backend's KV cache layout is not one the plugin reads; "
+                "head statistics are off (the rest of the signature is unaffected)"
+            )
+            logger.warning("residue capture: %s", self.stats.heads_disabled_reason)
+            return None
+        return read(self._key_layout)

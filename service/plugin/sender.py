@@ -10,7 +10,9 @@ disconnected wait in the queue (bounded, so the oldest survive and the newest ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,12 +24,12 @@ from typing import Any
 import grpc
 import torch
 
-from residue_monitor.detectors.capture import Activations
-from residue_monitor.detectors.signature import SignatureBuilder
+from residue_monitor.detectors.capture import probs_from_qk
+from residue_monitor.detectors.signature import SignatureBuilder, head_stats
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.frames import frame_message, logit_stats, packed_residue
-from residue_monitor.service.plugin.capture import Event, RowEvent, StartEvent
+from residue_monitor.service.plugin.capture import EndEvent, Event, RowEvent, StartEvent
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,12 @@ FINISH = {
 }
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
 SWEEP_EVERY_S = 1.0
+MAX_BATCH = 256
+"""Events taken off the queue at once; their rows are encoded together."""
+BATCH_WAIT_S = 1.0
+"""How long the sender waits for more events after the first of a batch."""
+SENDER_NICE = 10
+"""Scheduling niceness of the encoding thread (Linux: per thread), so vLLM's threads get the CPU first."""
 STATS_EVERY_S = 2.0
 """How often changed drop counters are reported to the sidecar (``PluginStats``)."""
 
@@ -68,8 +76,11 @@ class FrameSender:
         tenant: str = "",
         queue_size: int = 1024,
         max_message_bytes: int = 4 * 1024 * 1024,
+        attn_scale: float = 1.0,
     ) -> None:
         self.builder = builder
+        self.attn_scale = attn_scale
+        """Softmax scale of the model's attention scores (for the head statistics)."""
         self.target = target
         self.tenant = tenant
         self.stats = SenderStats()
@@ -117,33 +128,43 @@ class FrameSender:
         self._thread.join(timeout_s)
 
     # --------------------------------------------------------------------------------------- messages
-    def _messages(self, ev: Event) -> list[pb.IngestMessage]:
-        if isinstance(ev, StartEvent):
-            start = pb.RequestStart(
-                request_id=ev.request_id,
-                model=self.builder.model,
-                clt_id=self.builder.clt_id,
-                prompt_tokens=ev.prompt_tokens,
-                num_cached_tokens=ev.num_cached_tokens,
-                tenant=self.tenant,
-            )
-            start.start_time.FromNanoseconds(round(ev.time * 1e9))
-            if ev.prompt_token_ids is not None:
-                start.prompt_token_ids.extend(ev.prompt_token_ids)
-                start.token_ids_opted_in = True
-            msg = pb.IngestMessage(start=start)
-            self._open[ev.request_id] = msg
-            self._seq[ev.request_id] = 0
-            return [msg]
-        if isinstance(ev, RowEvent):
-            seq = self._seq.get(ev.request_id, 0)
-            self._seq[ev.request_id] = seq + 1
-            row = self._row(ev)
-            return [
-                frame_message(
-                    ev.request_id, ev.position, ev.phase, seq, packed_residue(row), logit_stats(row)
-                )
-            ]
+    def _messages(self, events: list[Event]) -> list[pb.IngestMessage]:
+        """The messages of a batch of events, in event order. Rows are encoded together: one pass over the
+        transcoder's weights for the whole batch (a row alone costs the same weight reads as 32)."""
+        rows = self._rows([ev for ev in events if isinstance(ev, RowEvent)])
+        out: list[pb.IngestMessage] = []
+        for ev in events:
+            if isinstance(ev, StartEvent):
+                out.append(self._start(ev))
+            elif isinstance(ev, RowEvent):
+                seq = self._seq.get(ev.request_id, 0)
+                self._seq[ev.request_id] = seq + 1
+                row = rows.pop(0)
+                out.append(frame_message(ev.request_id, ev.position, ev.phase, seq, packed_residue(row),
+                                         logit_stats(row)))  # fmt: skip
+            else:
+                out.append(self._end(ev))
+        return out
+
+    def _start(self, ev: StartEvent) -> pb.IngestMessage:
+        start = pb.RequestStart(
+            request_id=ev.request_id,
+            model=self.builder.model,
+            clt_id=self.builder.clt_id,
+            prompt_tokens=ev.prompt_tokens,
+            num_cached_tokens=ev.num_cached_tokens,
+            tenant=self.tenant,
+        )
+        start.start_time.FromNanoseconds(round(ev.time * 1e9))
+        if ev.prompt_token_ids is not None:
+            start.prompt_token_ids.extend(ev.prompt_token_ids)
+            start.token_ids_opted_in = True
+        msg = pb.IngestMessage(start=start)
+        self._open[ev.request_id] = msg
+        self._seq[ev.request_id] = 0
+        return msg
+
+    def _end(self, ev: EndEvent) -> pb.IngestMessage:
         end = pb.RequestEnd(
             request_id=ev.request_id,
             finish_reason=FINISH[ev.reason],
@@ -154,25 +175,39 @@ class FrameSender:
         end.end_time.FromNanoseconds(round(ev.time * 1e9))
         self._open.pop(ev.request_id, None)
         self._seq.pop(ev.request_id, None)
-        return [pb.IngestMessage(end=end)]
+        return pb.IngestMessage(end=end)
+
+    def _heads(self, ev: RowEvent) -> torch.Tensor:
+        """(L, H, 7) head statistics of one row from its query and its request's keys."""
+        assert ev.q is not None and ev.keys is not None
+        probs = probs_from_qk(ev.q[:, None], ev.keys, (ev.position,), self.attn_scale)  # (L, H, 1, T)
+        return head_stats(probs, torch.tensor([ev.position]))[:, :, 0]
 
     @torch.inference_mode()
-    def _row(self, ev: RowEvent) -> Any:
-        """One captured row → its RowSignature, through the same SignatureBuilder as the reference path."""
-        L = ev.mlp_in.shape[0]
-        acts = Activations(
-            positions=(ev.position,),
-            phases=(ev.phase,),
-            mlp_in=ev.mlp_in.float()[:, None],
-            mlp_out=ev.mlp_out.float()[:, None],
-            q=torch.empty(L, 1, 0, 1),
-            k=torch.empty(L, 0, 0, 1),  # no keys: the heads were computed next to the KV cache
-            logits=ev.logits.float()[None],
-            targets=torch.tensor([ev.target]),
-            attn_scale=1.0,
+    def _rows(self, evs: list[RowEvent]) -> list[Any]:
+        """Captured rows → RowSignatures through the reference path's SignatureBuilder (heads were computed
+        next to the KV cache; rows without them get none)."""
+        if not evs:
+            return []
+        with_heads = [ev for ev in evs if ev.keys is not None]
+        if with_heads and len(with_heads) != len(evs):  # heads were turned off mid-batch: two groups
+            rest = [ev for ev in evs if ev.keys is None]
+            done = dict(zip(map(id, with_heads), self._rows(with_heads), strict=True))
+            done |= dict(zip(map(id, rest), self._rows(rest), strict=True))
+            return [done[id(ev)] for ev in evs]
+        L, n = evs[0].mlp_in.shape[0], len(evs)
+        heads = torch.stack([self._heads(ev) for ev in evs], dim=2) if with_heads else torch.zeros(L, 0, n, 7)
+        return list(
+            self.builder.build_rows(
+                [ev.position for ev in evs],
+                [ev.phase for ev in evs],
+                torch.stack([ev.mlp_in for ev in evs], dim=1).float(),  # (L, n, D)
+                torch.stack([ev.mlp_out for ev in evs], dim=1).float(),
+                torch.stack([ev.logits for ev in evs]).float(),  # (n, V)
+                torch.tensor([ev.target for ev in evs]),
+                heads,
+            )
         )
-        heads = ev.heads[:, :, None] if ev.heads is not None else torch.zeros(L, 0, 1, 7)
-        return self.builder.build(acts, heads=heads).rows[0]
 
     # ------------------------------------------------------------------------------------------ thread
     def _channel(self) -> grpc.Channel:
@@ -190,6 +225,9 @@ class FrameSender:
         return pb.IngestMessage(plugin_stats=ps)
 
     def _stream(self, resend: list[pb.IngestMessage]) -> Iterator[pb.IngestMessage]:
+        # gRPC runs this generator on its own thread; the encoding it does yields the CPU to vLLM's threads.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SENDER_NICE)
         yield from resend
         last = self.plugin_stats()
         yield last
@@ -206,17 +244,26 @@ class FrameSender:
                     last = current
                     yield current
             try:
-                ev = self._q.get(timeout=0.2)
+                batch = [self._q.get(timeout=0.2)]
             except queue.Empty:
                 continue
+            # Gather what arrives within BATCH_WAIT_S: rows encoded together share one read of the
+            # transcoder's weights, which is most of the cost of a few rows.
+            until = time.monotonic() + BATCH_WAIT_S
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < MAX_BATCH and (left := until - time.monotonic()) > 0:
+                    batch.append(self._q.get(timeout=left))
             try:
-                msgs = self._messages(ev)
-            except Exception as e:  # one bad row must not stop the stream
-                self.stats.encode_errors += 1
-                logger.warning("residue sender: could not encode an event (%s: %s)", type(e).__name__, e)
+                msgs = self._messages(batch)
+            except Exception as e:  # one bad batch must not stop the stream
+                self.stats.encode_errors += len(batch)
+                logger.warning(
+                    "residue sender: could not encode %d events (%s: %s)", len(batch), type(e).__name__, e
+                )
                 msgs = []
             finally:
-                self._q.task_done()
+                for _ in batch:
+                    self._q.task_done()
             for m in msgs:
                 self.stats.messages_sent += 1
                 self.stats.frames_sent += int(m.HasField("frame"))

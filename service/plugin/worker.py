@@ -111,9 +111,10 @@ def _install(worker: Any) -> tuple[Any, Any] | _Off:
     name = cfg.model_name or Path(str(served)).name
     builder = SignatureBuilder(clt, readout, k=cfg.top_k, eos_id=eos, model=name, with_heads=cfg.heads)
     tls_ca = Path(cfg.tls_ca).read_bytes() if cfg.tls_ca else None
-    sender = FrameSender(
-        builder, cfg.target, token=cfg.token, tls_ca=tls_ca, tenant=cfg.tenant, queue_size=cfg.queue_size
-    )
+    a0 = model.model.layers[0].self_attn.attn
+    scale = float(getattr(a0, "scale", None) or a0.impl.scale)
+    sender = FrameSender(builder, cfg.target, token=cfg.token, tls_ca=tls_ca, tenant=cfg.tenant,
+                         queue_size=cfg.queue_size, attn_scale=scale)  # fmt: skip
     cap = LiveCapture(
         runner,
         sender.offer,
