@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from residue_monitor.detectors.exceptions import (
@@ -124,14 +125,39 @@ class ErrorInterceptor(aio.ServerInterceptor):
         return wrap_handler(handler, handler_call_details.method)
 
 
+def _parsing(handler: Any, method: str) -> tuple[Any, Callable[[Any], Any]]:
+    """(handler that receives raw bytes, parse): request bytes are parsed inside the handler, so a malformed
+    message becomes INVALID_ARGUMENT with a message instead of grpc's own UNKNOWN / INTERNAL (a
+    deserializer that raises inside grpc cannot choose its status)."""
+    deser = handler.request_deserializer
+    if deser is None:
+        return handler, lambda raw: raw
+
+    def parse(raw: Any) -> Any:
+        try:
+            return deser(raw)
+        except DecodeError as e:
+            raise InvalidInput(f"{method}: malformed request message ({e}); send a valid protobuf") from e
+
+    return handler._replace(request_deserializer=None), parse
+
+
+async def _parsed(raw: AsyncIterator[Any], parse: Callable[[Any], Any]) -> AsyncIterator[Any]:
+    async for r in raw:
+        yield parse(r)
+
+
 def wrap_handler(handler: Any, method: str) -> Any:
     """``handler`` (grpc's RpcMethodHandler namedtuple) with its behaviour wrapped in the error mapping."""
+    handler, parse = _parsing(handler, method)
     if handler.unary_unary is not None or handler.stream_unary is not None:
         field = "unary_unary" if handler.unary_unary is not None else "stream_unary"
         inner = getattr(handler, field)
+        streamed = field == "stream_unary"
 
         async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             try:
+                request = _parsed(request, parse) if streamed else parse(request)
                 return await _with_deadline(inner(request, context), context, method)
             except (aio.AbortError, asyncio.CancelledError):
                 raise
@@ -146,6 +172,7 @@ def wrap_handler(handler: Any, method: str) -> Any:
 
         async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
+                request = _parsed(request, parse) if field == "stream_stream" else parse(request)
                 async for response in inner(request, context):
                     yield response
             except (aio.AbortError, asyncio.CancelledError):
@@ -158,6 +185,7 @@ def wrap_handler(handler: Any, method: str) -> Any:
     async def writing(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
         # Handlers that write with context.write() (grpc's own health Watch) return None.
         try:
+            request = _parsed(request, parse) if field == "stream_stream" else parse(request)
             await inner(request, context)
         except (aio.AbortError, asyncio.CancelledError):
             raise
