@@ -10,6 +10,7 @@ disconnected wait in the queue (bounded, so the oldest survive and the newest ar
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -93,6 +94,9 @@ class FrameSender:
         self.on_idle: Callable[[], None] | None = None
         """Called about once a second from the sender thread (the capture's ``sweep``)."""
         self._max_bytes = max_message_bytes
+        self._pending: collections.deque[pb.IngestMessage] = collections.deque()
+        """Encoded messages not yet handed to a stream (a failed stream's leftovers go to the next one)."""
+        self._pending_lock = threading.Lock()
         self._open: dict[str, pb.IngestMessage] = {}  # request id → its RequestStart, until its end
         self._seq: dict[str, int] = {}
         self._stop = threading.Event()
@@ -117,7 +121,7 @@ class FrameSender:
         """Wait until every queued event was handed to the stream (tests, shutdown)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._q.unfinished_tasks == 0:
+            if self._q.unfinished_tasks == 0 and not self._pending:
                 return True
             time.sleep(0.01)
         return False
@@ -224,15 +228,25 @@ class FrameSender:
                             capture_seconds=seconds, captured_steps=steps)  # fmt: skip
         return pb.IngestMessage(plugin_stats=ps)
 
-    def _stream(self, resend: list[pb.IngestMessage]) -> Iterator[pb.IngestMessage]:
-        # gRPC runs this generator on its own thread; the encoding it does yields the CPU to vLLM's threads.
-        with contextlib.suppress(OSError, AttributeError):
+    def _stream(self, resend: list[pb.IngestMessage], done: threading.Event) -> Iterator[pb.IngestMessage]:
+        """One Ingest stream's messages. gRPC pulls them on its own thread and stops pulling when the call
+        fails, without telling the generator: ``done`` (set by ``_run`` when the call ends) makes it stop
+        taking events, and messages it encoded but could not hand over wait in ``_pending`` for the next
+        stream (only the one being sent when the call failed can be lost)."""
+        with contextlib.suppress(OSError, AttributeError):  # encoding yields the CPU to vLLM's threads
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SENDER_NICE)
         yield from resend
         last = self.plugin_stats()
         yield last
         last_sweep = last_stats = time.monotonic()
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or done.is_set()):
+            while (m := self._next_pending()) is not None:
+                if done.is_set():
+                    self._requeue(m)
+                    return
+                self.stats.messages_sent += 1
+                self.stats.frames_sent += int(m.HasField("frame"))
+                yield m
             now = time.monotonic()
             if self.on_idle is not None and now - last_sweep >= SWEEP_EVERY_S:
                 last_sweep = now
@@ -251,7 +265,7 @@ class FrameSender:
             # transcoder's weights, which is most of the cost of a few rows.
             until = time.monotonic() + BATCH_WAIT_S
             with contextlib.suppress(queue.Empty):
-                while len(batch) < MAX_BATCH and (left := until - time.monotonic()) > 0:
+                while len(batch) < MAX_BATCH and (left := until - time.monotonic()) > 0 and not done.is_set():
                     batch.append(self._q.get(timeout=left))
             try:
                 msgs = self._messages(batch)
@@ -264,10 +278,16 @@ class FrameSender:
             finally:
                 for _ in batch:
                     self._q.task_done()
-            for m in msgs:
-                self.stats.messages_sent += 1
-                self.stats.frames_sent += int(m.HasField("frame"))
-                yield m
+            with self._pending_lock:
+                self._pending.extend(msgs)
+
+    def _next_pending(self) -> pb.IngestMessage | None:
+        with self._pending_lock:
+            return self._pending.popleft() if self._pending else None
+
+    def _requeue(self, m: pb.IngestMessage) -> None:
+        with self._pending_lock:
+            self._pending.appendleft(m)
 
     def _run(self) -> None:
         backoff = BACKOFF_MIN_S
@@ -284,9 +304,10 @@ class FrameSender:
             self.stats.connects += 1
             backoff = BACKOFF_MIN_S
             sent_before = self.stats.messages_sent
+            done = threading.Event()
             try:
                 stub = pb_grpc.ResidueServiceStub(channel)
-                stub.Ingest(self._stream(list(self._open.values())), metadata=self._metadata)
+                stub.Ingest(self._stream(list(self._open.values()), done), metadata=self._metadata)
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 if self.stats.messages_sent > sent_before:
@@ -295,6 +316,7 @@ class FrameSender:
                     "residue sender: Ingest stream to %s ended (%s); reconnecting", self.target, code
                 )
             finally:
+                done.set()
                 channel.close()
 
     def _wait_disconnected(self, seconds: float) -> None:

@@ -127,11 +127,27 @@ class Load:
             assert tokens == self.env["expected"][prompt], rid
 
 
+def _drained(env: dict[str, Any], timeout_s: float = 120.0) -> None:
+    """Until the plugin has handed every queued event to a live stream (after a fault, its backlog)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snd = get(env["vllm"].url + "/residue/status")["workers"][0]["sender"]
+        if snd["messages_sent"] == snd["queued"]:
+            return
+        assert time.monotonic() < deadline, f"the plugin never drained its queue: {snd}"
+        time.sleep(0.5)
+
+
 def _recorded(env: dict[str, Any]) -> list[str]:
-    """A batch whose records are all stored before the fault (the 'written before' set)."""
+    """A batch whose records are all stored (before a fault: the 'written before' set; after one: proof
+    that monitoring resumed). Starts once the plugin's backlog is delivered, so none of it is dropped."""
+    _drained(env)
     ids = [rid for rid, _, _ in Load(env).batch()]
     for rid in ids:
-        env["sidecar"].get_residue(rid)
+        try:
+            env["sidecar"].get_residue(rid)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; plugin: {get(env['vllm'].url + '/residue/status')}") from None
     return ids
 
 

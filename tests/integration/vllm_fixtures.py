@@ -243,7 +243,7 @@ class SidecarProc:
                 return float(line.split()[-1])
         return 0.0
 
-    def get_residue(self, request_id: str, timeout_s: float = 30.0) -> pb.ResidueRecord:
+    def get_residue(self, request_id: str, timeout_s: float = 90.0) -> pb.ResidueRecord:
         """The request's record once complete (waits: frames may still be on their way)."""
         deadline = time.monotonic() + timeout_s
         last: Exception | None = None
