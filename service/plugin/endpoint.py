@@ -24,7 +24,7 @@ class ResidueEndpoint:
         self._engine: Any = None
 
     def attach_router(self, app: Any) -> None:
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import JSONResponse  # pyright: ignore[reportMissingImports]  # vLLM ships it
 
         async def status() -> Any:
             return JSONResponse(await self._call("residue_stats"))
