@@ -5,6 +5,7 @@ requests it had stored are unharmed."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.asyncio
 
 
 async def test_fuzzed_rpcs_get_documented_statuses(
-    tiny_hf: tuple[Any, Any], clt: CrossLayerTranscoder
+    tiny_hf: tuple[Any, Any], clt: CrossLayerTranscoder, caplog: pytest.LogCaptureFixture
 ) -> None:
     model, tok = tiny_hf
     requests = [request_messages(model, tok, clt, p, f"req-{i}", model_name="tiny", max_new_tokens=8)
@@ -39,6 +40,10 @@ async def test_fuzzed_rpcs_get_documented_statuses(
             before = await stub.GetResidue(pb.GetResidueRequest(request_id="req-0"))
         result = await run(target, 600, seed=1, requests=requests)
         assert result["failures"] == [], result["failures"][:5]
+        internal = [
+            r for r in caplog.records if r.levelno >= logging.ERROR and "failed (ref" in r.getMessage()
+        ]
+        assert internal == [], [r.getMessage() for r in internal[:3]]  # no unexpected error in the sidecar
         assert sum(sum(c.values()) for c in result["statuses"].values()) == 600
         assert set(result["statuses"]) == {"Ingest", "GetResidue", "QueryResidues", "WatchFlags",
                                            "ListFingerprints", "Trace"}  # fmt: skip
