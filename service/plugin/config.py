@@ -8,11 +8,11 @@ value is reported by ``PluginConfig.from_env`` as ``InvalidInput`` and the calle
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from residue_monitor.detectors.exceptions import InvalidInput
+from residue_monitor.service.settings import read_env
 
 ENV: Mapping[str, str] = {
     "enabled": "RESIDUE_ENABLED",
@@ -32,8 +32,6 @@ ENV: Mapping[str, str] = {
     "queue_size": "RESIDUE_QUEUE_SIZE",
     "send_token_ids": "RESIDUE_SEND_TOKEN_IDS",
 }
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -99,29 +97,4 @@ class PluginConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> PluginConfig:
         """Settings from ``env`` (default ``os.environ``), then ``overrides``; unset or empty: the default."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(ENV[f.name], "").strip()
-            if not raw:
-                continue
-            default = f.default
-            try:
-                if isinstance(default, bool):
-                    if raw.lower() not in _TRUE + _FALSE:
-                        raise ValueError(raw)
-                    values[f.name] = raw.lower() in _TRUE
-                elif isinstance(default, int):
-                    values[f.name] = int(raw)
-                elif isinstance(default, float):
-                    values[f.name] = float(raw)
-                else:
-                    values[f.name] = raw
-            except ValueError as e:
-                kind = {bool: "one of 1/0/true/false/yes/no/on/off", int: "an integer", float: "a number"}
-                raise InvalidInput(f"{ENV[f.name]}={raw!r} is not {kind[type(default)]}") from e
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise InvalidInput(f"unknown setting(s) {sorted(unknown)}; known: {sorted(ENV)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]  # keys are exactly the field names
+        return read_env(cls, ENV, env, overrides)

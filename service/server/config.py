@@ -8,12 +8,12 @@ naming the variable and what it accepts. The store's own settings (TTL, backlog 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from residue_monitor.detectors.exceptions import InvalidInput
+from residue_monitor.service.settings import read_env
 
 MiB = 1 << 20
 
@@ -155,25 +155,4 @@ class ServerConfig:
 
         Unset or empty variables keep the default.
         """
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(ENV[f.name], "").strip()
-            if not raw:
-                continue
-            default = f.default
-            try:
-                if isinstance(default, bool) or not isinstance(default, int | float):
-                    values[f.name] = raw
-                elif isinstance(default, int):
-                    values[f.name] = int(raw)
-                else:
-                    values[f.name] = float(raw)
-            except ValueError as e:
-                kind = "an integer" if isinstance(default, int) else "a number"
-                raise InvalidInput(f"{ENV[f.name]}={raw!r} is not {kind}") from e
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise InvalidInput(f"unknown setting(s) {sorted(unknown)}; known: {sorted(ENV)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]  # keys are exactly the field names
+        return read_env(cls, ENV, env, overrides)
