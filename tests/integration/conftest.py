@@ -163,3 +163,16 @@ def clt() -> CrossLayerTranscoder:
     """A random transcoder matching the tiny model (4 layers, d_model 64): the one the server, scale-out
     and dashboard tests check real tiny-model frames against."""
     return random_clt(CLTConfig(n_layers=4, d_model=64, n_features=256, k=16), seed=1, scale=0.5)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """(key, certificate) PEM files for CN/SAN localhost and 127.0.0.1, valid one day (openssl CLI)."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip(f"openssl could not make a test certificate: {made.stderr.decode()[:200]}")
+    return key, cert

@@ -34,7 +34,7 @@ from residue_monitor.service.frames import pack_ids, pack_values, request_messag
 from residue_monitor.service.server import ServerConfig, Sidecar
 from residue_monitor.service.server.servicer import SUMMARY_METADATA_KEY
 from residue_monitor.service.store import MemoryStore, RedisStore, Store
-from tests.integration.conftest import RedisServer
+from tests.integration.conftest import RedisServer, self_signed
 
 pytestmark = pytest.mark.asyncio
 
@@ -586,14 +586,7 @@ async def test_deadline_exceeded_and_internal_errors(make_sidecar: MakeSidecar) 
 
 async def test_tls(make_sidecar: MakeSidecar, tmp_path: Path) -> None:
     """With cert and key files the port speaks TLS: a TLS client trusting the cert gets answers."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-        capture_output=True, check=False,
-    )  # fmt: skip
-    if made.returncode != 0:
-        pytest.skip(f"openssl could not make a test certificate: {made.stderr.decode()[:200]}")
+    key, cert = self_signed(tmp_path)
     sidecar = await make_sidecar(tls_cert=str(cert), tls_key=str(key))
     creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
     async with aio.secure_channel(

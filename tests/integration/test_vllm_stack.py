@@ -30,14 +30,13 @@ from residue_monitor.service.models import load_hf
 from residue_monitor.service.plugin.launch import VllmServer, vllm_command
 from residue_monitor.shells.catalog import get_shell, load_controls
 from residue_monitor.shells.fingerprint import FitConfig, fit_fingerprint, save_fingerprints
-from tests.integration.conftest import RedisServer
+from tests.integration.conftest import RedisServer, self_signed
 from tests.integration.vllm_fixtures import (
     SidecarProc,
     free_port,
     get,
     need_vllm,
     post,
-    self_signed,
     tiny_vllm_clt,
     tiny_vllm_model,
 )

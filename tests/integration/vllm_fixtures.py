@@ -259,16 +259,3 @@ class SidecarProc:
                     last = e
                 time.sleep(0.2)
         raise AssertionError(f"no complete record for {request_id} in {timeout_s} s (last error: {last})")
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """(key, certificate) PEM files for CN/SAN localhost and 127.0.0.1, valid one day (openssl CLI)."""
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        capture_output=True, check=False,
-    )  # fmt: skip
-    if made.returncode != 0:
-        pytest.skip(f"openssl could not make a test certificate: {made.stderr.decode()[:200]}")
-    return key, cert
