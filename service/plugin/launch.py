@@ -1,6 +1,6 @@
 """The command line and environment that start vLLM's OpenAI server with residue capture on.
 
-Used by the demo, the benchmarks and the tests, and printed by ``residue vllm-command`` for operators::
+Used by the demo, the benchmarks and the tests; for operators it amounts to (README "The vLLM plugin")::
 
     VLLM_PLUGINS=residue RESIDUE_ENABLED=1 RESIDUE_CLT=<folder> RESIDUE_SIDECAR_TARGET=localhost:50051 \\
     python -m vllm.entrypoints.openai.api_server --model <folder> \\
