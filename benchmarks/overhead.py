@@ -36,7 +36,7 @@ import grpc
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.models import prepare_smollm2
-from residue_monitor.service.plugin.launch import VllmServer, vllm_command
+from residue_monitor.service.plugin.launch import VllmServer, free_port, vllm_command
 from residue_monitor.service.training import ensure_default_clt, machine_info, write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,14 +54,6 @@ class DiscardSink(pb_grpc.ResidueServiceServicer):
         for m in request_iterator:
             self.frames += m.WhichOneof("kind") == "frame"
         return pb.IngestSummary()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _complete(url: str, model: str, ids: list[int]) -> float:
@@ -101,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     sink = DiscardSink()
     server = grpc.server(futures.ThreadPoolExecutor(4))
     pb_grpc.add_ResidueServiceServicer_to_server(sink, server)
-    sink_port = _free_port()
+    sink_port = free_port()
     server.add_insecure_port(f"127.0.0.1:{sink_port}")
     server.start()
     tps: dict[str, list[float]] = {m: [] for m in MODES}
@@ -111,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     for rep in range(args.repeats):
         for mode, settings in MODES.items():
-            port = _free_port()
+            port = free_port()
             argv_, env = vllm_command(
                 str(model.path),
                 port=port,

@@ -29,7 +29,7 @@ import grpc
 
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
-from residue_monitor.service.plugin.launch import VllmServer, vllm_command
+from residue_monitor.service.plugin.launch import VllmServer, free_port, vllm_command
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,6 @@ def demo_prompts(n_benign: int = 4) -> list[DemoPrompt]:
         if inst:
             out.append(DemoPrompt(name, inst[0].prompt))
     return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -143,7 +135,7 @@ def run_demo(
 ) -> list[DemoResult]:
     """Start the stack, send ``prompts`` concurrently, report, then serve until Ctrl-C (``wait``)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    grpc_port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     target = f"127.0.0.1:{grpc_port}"
     on_status("starting the sidecar (residue serve) …")
     with sidecar_process(clt, fingerprints, workdir / "sidecar.log", grpc_port, metrics_port):

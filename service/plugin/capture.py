@@ -212,6 +212,7 @@ class LiveCapture:
         self.layers: Sequence[nn.Module] = list(layers)
         self.attn: list[nn.Module] = [m.self_attn.attn for m in self.layers]  # pyright: ignore
         self.n_layers = len(self.layers)
+        self._layer_names = [str(getattr(a, "layer_name", "")) for a in self.attn]  # keys of attn metadata
         a0: Any = self.attn[0]
         self.n_heads = int(a0.num_heads)
         self.n_kv_heads = int(a0.num_kv_heads)
@@ -480,7 +481,7 @@ class LiveCapture:
 
     def _row_keys(self, p: _Plan, r: int, c: _Candidate) -> torch.Tensor | None:
         """(L, H_kv, T, d) keys of the row's request, copied out of the KV cache (None: heads are off)."""
-        names = [getattr(a, "layer_name", "") for a in self.attn]
+        names = self._layer_names
 
         def read(layout: str) -> torch.Tensor:  # (L, H_kv, T, d)
             return torch.stack([self._keys(i, c.batch_index, c.position, p.attn_metadata[names[i]], layout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,14 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 
 from residue_monitor.service.plugin.worker import EXTENSION
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers started next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 PLUGIN_NAME = "residue"
 """The entry-point name of both the general and the endpoint plugin (what ``VLLM_PLUGINS`` lists)."""

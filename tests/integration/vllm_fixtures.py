@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from residue_monitor.detectors.signature import RowSignature, SignatureBuilder
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.models import PreparedModel, build_tiny_llama
+from residue_monitor.service.plugin.launch import free_port
 from residue_monitor.service.server.residue import row_of
 from residue_monitor.service.server.validate import FrameLimits, to_event
 
@@ -43,12 +43,6 @@ TINY_VLLM = {"d_model": 128, "d_mlp": 256, "n_heads": 4, "n_kv_heads": 2}
 def need_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (pip install -e '.[vllm]'; scripts/run.sh test-vllm does it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_vllm_model(home: Path) -> PreparedModel:
