@@ -532,6 +532,80 @@ def maps(
         console.print(str(p), soft_wrap=True)
 
 
+@app.command("trace")
+def trace(
+    prompt: Annotated[str, typer.Argument(help="the prompt to explain")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="circuit-tracer graph JSON (load it in its viewer)")
+    ] = Path("graph.json"),
+    target: Annotated[
+        str, typer.Option(help="emitted | eos | token | contrast: what the graph explains")
+    ] = "emitted",
+    token: Annotated[
+        str | None, typer.Option(help="--target token/contrast: a token id, or text that is one token")
+    ] = None,
+    against: Annotated[
+        str | None, typer.Option(help="--target contrast: the token subtracted (u_expected − u_actual)")
+    ] = None,
+    after: Annotated[
+        int,
+        typer.Option(
+            help="null-output mode: generate up to N tokens first, then explain the final position "
+            "(with --target eos: why the model stopped there; nothing before the stop = a null output)"
+        ),
+    ] = 0,
+    raw: Annotated[Path | None, typer.Option(help="also write every tensor (safetensors)")] = None,
+    png: Annotated[Path | None, typer.Option(help="also draw the pruned graph (PNG)")] = None,
+    model: ModelOpt = "smollm2",
+    clt: CltOpt = None,
+    no_chat: Annotated[bool, typer.Option("--no-chat", help="do not apply the chat template")] = False,
+    max_feature_nodes: Annotated[int, typer.Option(help="most features to trace")] = 1024,
+    node_threshold: Annotated[float, typer.Option(help="cumulative influence of the nodes kept")] = 0.8,
+    edge_threshold: Annotated[float, typer.Option(help="cumulative influence of the edges kept")] = 0.98,
+    batch_size: Annotated[int, typer.Option(help="targets per backward pass")] = 64,
+) -> None:
+    """Build the attribution graph of a prompt's next token on the local replacement model; write it as
+    circuit-tracer JSON (and optionally raw tensors and a PNG); print the summary."""
+    logging.basicConfig(level=logging.WARNING)
+    from residue_monitor.detectors.attribution.graph import TARGET_KINDS, GraphConfig, TargetSpec
+    from residue_monitor.service.tracing import TraceJob, Tracer, write_outputs
+
+    if target not in TARGET_KINDS:
+        _fail(InvalidInputError(f"--target must be one of {', '.join(TARGET_KINDS)}, got {target!r}"))
+        return
+    try:
+        cfg = GraphConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+                          node_threshold=node_threshold, edge_threshold=edge_threshold)  # fmt: skip
+        with console.status("loading model and transcoder …"):
+            tracer = Tracer.load(model, clt)
+        ids = tracer.ids_for(prompt, chat=not no_chat)
+        emitted = None
+        if after > 0:
+            ids, out, stopped = tracer.continue_to_stop(ids, after)
+            emitted = out[-1] if out else None
+            text = tracer.engine.tok.decode(out[:-1] if stopped else out)
+            what = "stopped" if stopped else "ran out of tokens"
+            console.print(
+                f"generated {len(out)} tokens ({what}): {text or '∅ (null output)'}", soft_wrap=True
+            )
+        spec = TargetSpec(
+            kind=target,  # type: ignore[arg-type]  # checked against TARGET_KINDS above
+            token_id=tracer.token_id(token) if token is not None else None,
+            contrast_token_id=tracer.token_id(against) if against is not None else None,
+            emitted_token_id=emitted,
+        )
+        job = TraceJob(tuple(ids), spec, cfg, prompt=prompt)
+        with _Count("tracing features") as bar:
+            g, pruned = tracer.trace(job, progress=bar)
+        written = write_outputs(g, pruned, prompt, output, raw, png)
+        console.print(tracer.outcome(job, g, pruned).summary, soft_wrap=True, markup=False, highlight=False)
+    except ResidueError as e:
+        _fail(e)
+        return
+    for p in written:
+        console.print(f"wrote {p}", soft_wrap=True)
+
+
 @app.command("serve")
 def serve(
     port: Annotated[int | None, typer.Option(help="gRPC port (default $RESIDUE_PORT or 50051)")] = None,

@@ -26,6 +26,7 @@ MAX_EDGES = 3000
 
 def _short(tok: str, n: int = 10) -> str:
     tok = tok.replace("\n", "⏎").replace("\t", "→")
+    tok = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in tok)  # fonts lack control glyphs
     return tok if len(tok) <= n else tok[: n - 1] + "…"
 
 

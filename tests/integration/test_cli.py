@@ -177,3 +177,44 @@ def test_analyze_needs_exactly_one_of_prompt_and_input(
     res = runner.invoke(_app(), _analyze_args(topk_clt[0], *extra))
     assert res.exit_code == 2, res.output
     assert "either a PROMPT argument or --input" in res.output
+
+
+# ---------------------------------------------------------------------------------------------- trace
+def test_trace_writes_json_raw_png_and_summary(
+    residue_home_tmp: Path, topk_clt: tuple[Path, str], tmp_path: Path
+) -> None:
+    """`residue trace PROMPT -o graph.json --raw --png` writes circuit-tracer JSON (prompt and CLT id in its
+    metadata), the raw tensors and the PNG, and prints the scores and the error-accumulation view."""
+    from residue_monitor.detectors.attribution.export import load_raw
+
+    out, raw, png = tmp_path / "g.json", tmp_path / "g.safetensors", tmp_path / "g.png"
+    args = ["trace", "Where is the key?", "--model", "tiny", "--clt", str(topk_clt[0]), "-o", str(out),
+            "--raw", str(raw), "--png", str(png), "--max-feature-nodes", "64"]  # fmt: skip
+    res = runner.invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["metadata"]["prompt"] == "Where is the key?" and doc["links"]
+    assert load_raw(raw).clt_id == topk_clt[1]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    for needle in ("replacement score", "error accumulation", "unreached at the last position"):
+        assert needle in res.output, needle
+
+
+def test_trace_null_output_mode_and_bad_targets(
+    residue_home_tmp: Path, topk_clt: tuple[Path, str], tmp_path: Path
+) -> None:
+    """`--after N --target eos` generates first and explains the stop at the final position; an unknown
+    target kind or a multi-token --token fails with exit code 2 and a message."""
+    out = tmp_path / "eos.json"
+    base = ["--model", "tiny", "--clt", str(topk_clt[0]), "--max-feature-nodes", "32"]
+    res = runner.invoke(_app(), ["trace", "Hello", *base, "--after", "3", "--target", "eos", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "generated" in res.output
+    logits = [n for n in json.loads(out.read_text())["nodes"] if n["feature_type"] == "logit"]
+    assert len(logits) == 1 and logits[0]["is_target_logit"]
+    bad = runner.invoke(_app(), ["trace", "Hello", *base, "--target", "nonsense"])
+    assert bad.exit_code == 2 and "--target must be one of" in bad.output
+    multi = runner.invoke(
+        _app(), ["trace", "Hello", *base, "--target", "token", "--token", "brown foxes jump"]
+    )
+    assert multi.exit_code == 2 and "give one token" in multi.output
