@@ -201,7 +201,8 @@ class _EdgeReader:
     """Turns a batch's gradients into adjacency rows over all columns ``[active, errors, tokens]``.
 
     Source features of layer ``i`` are laid out per position, padded to the most features any position
-    has, so each (source layer) is one batched matmul over positions: ``(T, B, n_l·D) @ (T, n_l·D, K)``.
+    has, so each (source layer, target layer) pair is one batched matmul over positions,
+    ``(T', B, D) @ (T', D, K)``, done as the backward pass streams through the layers.
     """
 
     def __init__(self, rep: LocalReplacement, active: torch.Tensor, acts: torch.Tensor, cache_bytes: int):
@@ -234,35 +235,46 @@ class _EdgeReader:
         logger.debug("decoder rows: %.1f MB (%s)", total / 2**20, "cached" if self.cached else "per batch")
 
     def _decoders(self, i: int) -> torch.Tensor:
-        """(T, n_l·D, K) decoder rows of source layer i's padded features (zeros for padding)."""
+        """(n_targets, T, D, K) decoder rows of source layer i's padded features into each layer it writes
+        (zeros for padding)."""
         hit = self._cache[i]
         if hit is not None:
             return hit
         col, _, fid, targets = self.slots[i]
         T, K = col.shape
-        clt = self.rep.clt
-        W = clt.W_dec[i].detach()  # (F, D) or (F, L-i, D)
-        rows = W[fid.flatten()].reshape(T, K, len(targets) * self.rep.d_model)
-        out = rows.transpose(1, 2).contiguous()
+        W = self.rep.clt.W_dec[i].detach()  # (F, D) or (F, L-i, D)
+        rows = W[fid.flatten()].reshape(T, K, len(targets), self.rep.d_model)
+        out = rows.permute(2, 0, 3, 1).contiguous()
         if self.cached:
             self._cache[i] = out
         return out
 
-    def rows(self, g_out: torch.Tensor, g_embed: torch.Tensor) -> torch.Tensor:
-        """g_out (T', B, L, D), g_embed (T', B, D) → (B, n_cols) adjacency rows."""
-        Tp, B, L, D = g_out.shape
-        rep = self.rep
-        T = rep.n_pos
+    def rows(self, rep: LocalReplacement, seeds: Sequence[Injection]) -> torch.Tensor:
+        """Run the backward pass of ``seeds`` and return their adjacency rows (B, n_cols)."""
+        B = len(seeds)
+        L, T = rep.n_layers, rep.n_pos
+        Tp = 1 + max(s.pos for s in seeds)
+        # Per source layer: effect of each padded feature slot on each seed, before its activation.
+        acc = [torch.zeros(Tp, B, s[0].shape[1]) for s in self.slots]
+        err = torch.zeros(B, L, Tp)
+
+        def on_layer(l: int, idx: torch.Tensor, g: torch.Tensor) -> None:
+            g_t = g.transpose(0, 1)  # (T', n, D)
+            for i in range(l + 1) if rep.clt.is_cross_layer else (l,):
+                if acc[i].shape[2] == 0:
+                    continue
+                R = self._decoders(i)[l - i, :Tp] if rep.clt.is_cross_layer else self._decoders(i)[0, :Tp]
+                acc[i][:, idx] += torch.bmm(g_t, R)  # (T', n, K)
+            err[idx, l] = (g * rep.errors[l, :Tp]).sum(-1)
+
+        g_embed = rep.backward(seeds, on_layer)
         out = torch.zeros(B, self.n_cols)
-        for i, (col, val, _, targets) in enumerate(self.slots):
+        for i, (col, val, _, _) in enumerate(self.slots):
             if col.shape[1] == 0:
                 continue
-            G = g_out[:, :, targets.start : targets.stop].reshape(Tp, B, len(targets) * D)
-            e = torch.bmm(G, self._decoders(i)[:Tp]) * val[:Tp, None, :]  # (T', B, K)
             c = col[:Tp]
             keep = c >= 0  # (T', K)
-            out[:, c[keep]] = e.transpose(0, 1)[:, keep]
-        err = torch.einsum("tbld,ltd->blt", g_out, rep.errors[:, :Tp])  # (B, L, T')
+            out[:, c[keep]] = (acc[i] * val[:Tp, None, :]).transpose(0, 1)[:, keep]
         base = self.n_active
         cols = base + (torch.arange(L)[:, None] * T + torch.arange(Tp)[None, :]).flatten()
         out[:, cols] = err.reshape(B, -1)
@@ -331,8 +343,7 @@ def build_graph(
 
     seeds = [Injection(L, T - 1, t.direction) for t in targets]
     for s in range(0, n_logits, cfg.batch_size):
-        g_out, g_emb = rep.backward(seeds[s : s + cfg.batch_size])
-        rows[s : s + len(seeds[s : s + cfg.batch_size])] = reader.rows(g_out, g_emb)
+        rows[s : s + len(seeds[s : s + cfg.batch_size])] = reader.rows(rep, seeds[s : s + cfg.batch_size])
 
     W_enc = rep.clt.W_enc.detach()
     visited = torch.empty(0, dtype=torch.long)
@@ -353,9 +364,8 @@ def build_graph(
         batch = [
             Injection(int(active[n, 0]), int(active[n, 1]), W_enc[active[n, 0], active[n, 2]]) for n in pick
         ]
-        g_out, g_emb = rep.backward(batch)
         k = int(visited.numel())
-        rows[n_logits + k : n_logits + k + pick.numel()] = reader.rows(g_out, g_emb)
+        rows[n_logits + k : n_logits + k + pick.numel()] = reader.rows(rep, batch)
         visited = torch.cat([visited, pick])
         is_visited[pick] = True
         if progress is not None:

@@ -22,7 +22,7 @@ massive-activation tokens above the CLT's ``norm_cap``) keep their whole MLP out
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,10 @@ class Injection:
     layer: int
     pos: int
     vector: torch.Tensor  # (D,)
+
+
+LayerVisitor = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""``on_layer(layer, seed indices (n,), gradient at that layer's MLP output (n, T', D))``."""
 
 
 def _rms_scale(h: torch.Tensor, eps: float) -> torch.Tensor:
@@ -275,7 +279,7 @@ class LocalReplacement:
         return torch.stack(xs), self._unembed(h * self.rstd_final * self.w_final)
 
     @torch.no_grad()
-    def backward(self, seeds: Sequence[Injection]) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(self, seeds: Sequence[Injection], on_layer: LayerVisitor) -> torch.Tensor:
         """Gradients of B targets w.r.t. every MLP output and every token embedding, by hand.
 
         Target b is ``seeds[b].vector · z`` where z is the MLP input of layer ``seeds[b].layer`` at
@@ -283,9 +287,11 @@ class LocalReplacement:
         direction). Only positions up to the latest seed and layers up to the highest seed are visited:
         nothing above or after them can reach a target (causal attention).
 
-        Returns ``g_out`` (T', B, L, D): ∂target_b / ∂(MLP output of layer l at position t), recorded
-        before the target's own layer injects, so a feature never feeds its own layer's targets; and
-        ``g_embed`` (T', B, D): ∂target_b / ∂(embedding at t). ``T' = 1 + max seed position``.
+        ``on_layer(l, idx, g)`` receives, from the top layer down, ``g`` (n, T', D) = ∂target / ∂(MLP output
+        of layer l at each position) for the seeds ``idx`` (n,) (indices into ``seeds``; the others are
+        zero there), recorded before a target's own layer injects, so a feature never feeds its own layer's
+        targets. Returns ``g_embed`` (T', B, D): ∂target_b / ∂(embedding at t). ``T' = 1 + max seed
+        position``. Streaming the layers keeps memory at O(B·T'·D) instead of O(B·T'·L·D).
         """
         if not seeds:
             raise InvalidInput("backward needs at least one target")
@@ -294,36 +300,42 @@ class LocalReplacement:
         top = max(s.layer for s in seeds)
         if top > L or Tp > self.n_pos or min(s.pos for s in seeds) < 0:
             raise InvalidInput(f"seed outside the prompt: layers 0..{L}, positions 0..{self.n_pos - 1}")
-        by_layer: dict[int, list[int]] = {}
-        for b, s in enumerate(seeds):
-            by_layer.setdefault(s.layer, []).append(b)
+        # Work on the seeds sorted by layer, highest first: a seed is zero above its own layer, so at layer l
+        # only the prefix of seeds at layers ≥ l is computed (about half the work for spread-out targets).
+        order = sorted(range(B), key=lambda b: -seeds[b].layer)
+        perm = torch.tensor(order)
+        layer_of = torch.tensor([seeds[b].layer for b in order])
 
         def inject(g: torch.Tensor, layer: int, scale: torch.Tensor | None) -> None:
-            for b in by_layer.get(layer, ()):
+            for r, b in enumerate(order):
                 s = seeds[b]
-                vec = s.vector.to(torch.float32)
-                g[b, s.pos] += vec if scale is None else vec * scale[s.pos]
+                if s.layer == layer:
+                    vec = s.vector.to(torch.float32)
+                    g[r, s.pos] += vec if scale is None else vec * scale[s.pos]
 
-        g_out = torch.zeros(Tp, B, L, D)
-        g_h = torch.zeros(B, Tp, D)  # ∂target / ∂(residual stream after the current layer)
+        g_h = torch.zeros(B, Tp, D)  # ∂target / ∂(residual stream after the current layer), sorted order
         # Logit seeds enter through the frozen final norm: xf = h · rstd · w.
         inject(g_h, L, (self.rstd_final[:Tp] * self.w_final))
-        pats = self.patterns[:, :, :Tp, :Tp]
         groups = self.n_heads // self.n_kv_heads
+        pats = self.patterns[:, :, :Tp, :Tp].unflatten(1, (self.n_kv_heads, groups))  # (L, H_kv, G, T', T')
+        W_skip = self.clt.W_skip
         for l in range(min(top, L - 1), -1, -1):
             lay = self.layers[l]
-            g_out[:, :, l] = g_h.transpose(0, 1)  # the MLP output adds straight into the stream
+            n = int((layer_of >= l).sum())
+            h = g_h[:n]
+            on_layer(l, perm[:n], h)  # the MLP output adds straight into the stream: same gradient
             # MLP input: the skip path (y = x W_skipᵀ) plus the targets reading this layer's MLP input.
-            W_skip = self.clt.W_skip
-            g_x = g_h @ W_skip[l] if W_skip is not None else torch.zeros_like(g_h)
+            g_x = h @ W_skip[l] if W_skip is not None else torch.zeros_like(h)
             inject(g_x, l, None)
-            g_h = g_h + g_x * (self.rstd2[l, :Tp] * lay.w_ln2)
+            h = h + g_x * (self.rstd2[l, :Tp] * lay.w_ln2)
             # Attention through the frozen pattern: o = P v, v = W_v xn, out = W_o o.
-            g_o = (g_h @ lay.W_o).unflatten(-1, (self.n_heads, self.d_head))  # (B, T', H, d)
-            g_v = torch.einsum("hts,bthd->bshd", pats[l], g_o)  # (B, T', H, d)
-            g_v = g_v.unflatten(2, (self.n_kv_heads, groups)).sum(3).flatten(-2)  # (B, T', H_kv·d)
-            g_h = g_h + (g_v @ lay.W_v) * (self.rstd1[l, :Tp] * lay.w_ln1)
-        return g_out, g_h.transpose(0, 1)
+            g_o = (h @ lay.W_o).unflatten(-1, (self.n_kv_heads, groups, self.d_head))  # (n, T', H_kv, G, d)
+            # Query head (k, g) reads value head k: sum over the group and the query positions at once.
+            g_v = torch.einsum("kgts,btkgd->bskd", pats[l], g_o).flatten(-2)  # (n, T', H_kv·d)
+            g_h[:n] = h + (g_v @ lay.W_v) * (self.rstd1[l, :Tp] * lay.w_ln1)
+        g_embed = torch.empty(Tp, B, D)
+        g_embed[:, perm] = g_h.transpose(0, 1)
+        return g_embed
 
 
 def _dtype(mod: nn.Module) -> torch.dtype:
