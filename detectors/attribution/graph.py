@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from residue_monitor.detectors.attribution.prune import Layout, graph_scores, normalize_rows
+from residue_monitor.detectors.attribution.prune import Layout, graph_scores
 from residue_monitor.detectors.attribution.replacement import Injection, LocalReplacement
 from residue_monitor.detectors.clt.model import CrossLayerTranscoder
 from residue_monitor.detectors.exceptions import InvalidInput
@@ -286,26 +286,29 @@ class _EdgeReader:
 
 
 def partial_influence(
-    rows: torch.Tensor, n_logits: int, visited: torch.Tensor, weights: torch.Tensor, n_active: int
+    rows_abs: torch.Tensor, n_logits: int, visited: torch.Tensor, weights: torch.Tensor, n_active: int
 ) -> torch.Tensor:
     """Influence of every active feature on the weighted logits through the rows computed so far.
 
-    rows (n_logits + k, n_cols): logit rows, then the rows of ``visited`` (k,) features, in that order.
-    Influence on the visited nodes solves ``y = w·M_logits[:, V] + y·M_visited[:, V]`` (a DAG, so the
-    series ends); every column's influence is then ``w·M_logits + y·M_visited``.
+    rows_abs (n_logits + k, n_cols): ``|rows|`` of the logits, then of the ``visited`` (k,) features, in
+    that order; with M the row-normalised ``|rows|``, influence on the visited nodes solves
+    ``y = w·M_logits[:, V] + y·M_visited[:, V]`` (a DAG, so the series ends), and every column's influence is
+    ``w·M_logits + y·M_visited``. The normalisation is folded into the weight vectors, so M is never built.
     """
-    M = normalize_rows(rows)
+    inv = 1.0 / rows_abs.sum(1).clamp(min=1e-10)
     w = weights.to(torch.float32)
-    M_log, M_vis = M[:n_logits], M[n_logits:]
-    y_total = w @ M_log[:, visited]
+    a_log = w * inv[:n_logits]
+    R_log, R_vis = rows_abs[:n_logits], rows_abs[n_logits:]
+    y_total = a_log @ R_log[:, visited]
     cur = y_total
-    sub = M_vis[:, visited]
+    sub = R_vis[:, visited] * inv[n_logits:, None]
     for _ in range(int(visited.numel()) + 1):
         cur = cur @ sub
         if not bool(cur.any()):
             break
         y_total = y_total + cur
-    return (w @ M_log[:, :n_active] + y_total @ M_vis[:, :n_active]) / w.sum().clamp(min=1e-12)
+    infl = a_log @ R_log[:, :n_active] + (y_total * inv[n_logits:]) @ R_vis[:, :n_active]
+    return infl / w.sum().clamp(min=1e-12)
 
 
 @torch.no_grad()
@@ -340,10 +343,13 @@ def build_graph(
     n_active = reader.n_active
     budget = min(cfg.max_feature_nodes, n_active)
     rows = torch.zeros(n_logits + budget, reader.n_cols)
+    rows_abs = torch.zeros_like(rows)  # |rows|, kept beside them for the influence estimates
 
     seeds = [Injection(L, T - 1, t.direction) for t in targets]
     for s in range(0, n_logits, cfg.batch_size):
-        rows[s : s + len(seeds[s : s + cfg.batch_size])] = reader.rows(rep, seeds[s : s + cfg.batch_size])
+        part = reader.rows(rep, seeds[s : s + cfg.batch_size])
+        rows[s : s + part.shape[0]] = part
+        rows_abs[s : s + part.shape[0]] = part.abs()
 
     W_enc = rep.clt.W_enc.detach()
     visited = torch.empty(0, dtype=torch.long)
@@ -352,7 +358,7 @@ def build_graph(
         if deadline is not None and time.monotonic() > deadline:
             logger.warning("attribution deadline reached after %d of %d features", visited.numel(), budget)
             break
-        infl = partial_influence(rows[: n_logits + visited.numel()], n_logits, visited, weights, n_active)
+        infl = partial_influence(rows_abs[: n_logits + visited.numel()], n_logits, visited, weights, n_active)
         infl[is_visited] = -1.0
         n_next = min(cfg.batch_size, budget - int(visited.numel()))
         top = infl.topk(n_next)
@@ -365,7 +371,9 @@ def build_graph(
             Injection(int(active[n, 0]), int(active[n, 1]), W_enc[active[n, 0], active[n, 2]]) for n in pick
         ]
         k = int(visited.numel())
-        rows[n_logits + k : n_logits + k + pick.numel()] = reader.rows(rep, batch)
+        part = reader.rows(rep, batch)
+        rows[n_logits + k : n_logits + k + pick.numel()] = part
+        rows_abs[n_logits + k : n_logits + k + pick.numel()] = part.abs()
         visited = torch.cat([visited, pick])
         is_visited[pick] = True
         if progress is not None:
@@ -373,7 +381,8 @@ def build_graph(
 
     k = int(visited.numel())
     rows = rows[: n_logits + k]
-    feature_influence = partial_influence(rows, n_logits, visited, weights, n_active)
+    feature_influence = partial_influence(rows_abs[: n_logits + k], n_logits, visited, weights, n_active)
+    del rows_abs
     feature_influence = feature_influence.clamp(min=0.0)
 
     layout = Layout(k, L * T, T, n_logits)
