@@ -109,9 +109,32 @@ def _threshold(pruned: Pruned, g: AttributionGraph) -> float | None:
     return float(pruned.cumulative[: g.layout.n_features][feats].max())
 
 
-def write_json(doc: dict[str, Any], path: Path) -> Path:
+VIEWER_INDEX = "graph-metadata.json"
+"""The graph list circuit-tracer's local viewer reads from its data folder: ``{"graphs": [metadata]}``."""
+
+
+def write_json(doc: dict[str, Any], path: Path, index: bool = True) -> Path:
+    """Write a graph JSON; with ``index``, also list it in the folder's ``graph-metadata.json`` (replacing
+    an entry with the same slug), so the folder can be served to circuit-tracer's viewer as is. The slug
+    must be the file's stem: the viewer fetches ``{slug}.json``."""
+    if index and doc["metadata"]["slug"] != path.stem:
+        raise InvalidInput(
+            f"the graph's slug {doc['metadata']['slug']!r} must be the file name's stem {path.stem!r}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
+    if index:
+        listing = path.parent / VIEWER_INDEX
+        graphs: list[dict[str, Any]] = []
+        if listing.is_file():
+            try:
+                graphs = list(json.loads(listing.read_text()).get("graphs", []))
+            except (ValueError, AttributeError) as e:
+                raise InvalidInput(
+                    f"{listing}: not a graph list ({e}); move it away to start a new one"
+                ) from e
+        graphs = [g for g in graphs if g.get("slug") != doc["metadata"]["slug"]] + [doc["metadata"]]
+        listing.write_text(json.dumps({"graphs": graphs}, indent=1) + "\n")
     return path
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from residue_monitor.detectors.attribution.draw import draw_graph
-from residue_monitor.detectors.attribution.export import load_raw, node_ids, save_raw, to_json
+from residue_monitor.detectors.attribution.export import load_raw, node_ids, save_raw, to_json, write_json
 from residue_monitor.detectors.attribution.graph import (
     AttributionGraph,
     GraphConfig,
@@ -276,6 +276,19 @@ def test_circuit_tracer_json(graph: tuple[AttributionGraph, LocalReplacement]) -
     assert len(logits) == len(g.targets) and [n["is_target_logit"] for n in logits].count(True) == 1
     written = set(ids)
     assert doc["links"] and all(lk["source"] in written and lk["target"] in written for lk in doc["links"])
+
+
+def test_viewer_folder(graph: tuple[AttributionGraph, LocalReplacement], tmp_path: Path) -> None:
+    """Writing graphs lists each in the folder's graph-metadata.json once (by slug), as circuit-tracer's
+    local viewer expects; a slug that is not the file stem is refused (the viewer could not fetch it)."""
+    g, _ = graph
+    for name in ("a", "b", "a"):
+        write_json(to_json(g, slug=name), tmp_path / f"{name}.json")
+    listing = json.loads((tmp_path / "graph-metadata.json").read_text())
+    assert sorted(m["slug"] for m in listing["graphs"]) == ["a", "b"]
+    assert json.loads((tmp_path / "b.json").read_text())["metadata"] == listing["graphs"][0]
+    with pytest.raises(InvalidInput, match="stem"):
+        write_json(to_json(g, slug="x"), tmp_path / "y.json")
 
 
 def test_raw_round_trip_and_corrupt_file(
