@@ -1,8 +1,10 @@
 """The sidecar's settings: one frozen dataclass, read once from the environment (STYLE.md rule 7).
 
 Every field has a default and names the variable it comes from; an invalid value raises ``InvalidInput``
-naming the variable and what it accepts. The store's own settings (TTL, backlog size, …) stay in
-``service.store.StoreConfig``; only ``REDIS_URL`` is repeated here so the CLI can override it.
+naming the variable and what it accepts. The ``trace_*`` fields configure the Trace RPC
+(``service.server.trace``), which is off unless ``RESIDUE_TRACE_MODEL`` names a model. The store's own
+settings (TTL, backlog size, …) stay in ``service.store.StoreConfig``; only ``REDIS_URL`` is repeated here
+so the CLI can override it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from residue_monitor.detectors.exceptions import InvalidInput
 from residue_monitor.service.settings import read_env
 
 MiB = 1 << 20
+GiB = 1 << 30
 
 # Field name → environment variable.
 ENV: Mapping[str, str] = {
@@ -42,7 +45,16 @@ ENV: Mapping[str, str] = {
     "tls_key": "RESIDUE_TLS_KEY",
     "drain_delay_s": "RESIDUE_DRAIN_DELAY_S",
     "grace_s": "RESIDUE_GRACE_S",
+    "trace_model": "RESIDUE_TRACE_MODEL",
+    "trace_max_tokens": "RESIDUE_TRACE_MAX_TOKENS",
+    "trace_max_bytes": "RESIDUE_TRACE_MAX_BYTES",
+    "trace_timeout_s": "RESIDUE_TRACE_TIMEOUT_S",
+    "trace_max_feature_nodes": "RESIDUE_TRACE_MAX_FEATURE_NODES",
+    "trace_workers": "RESIDUE_TRACE_WORKERS",
+    "trace_queue": "RESIDUE_TRACE_QUEUE",
 }
+TRACE_MODELS = ("smollm2", "tiny")
+"""Model names ``RESIDUE_TRACE_MODEL`` accepts besides an HF folder (``service.models.resolve_model``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +95,8 @@ class ServerConfig:
     """``RESIDUE_MAX_HEADS``: HeadStats entries a frame may carry."""
     clt_path: str = ""
     """``RESIDUE_CLT``: transcoder folder; when set, frames are checked against its layers, features and
-    id. Empty: only the generic limits above apply."""
+    id, and Trace builds its graphs with it. Empty: only the generic limits above apply, and Trace uses
+    the trace model's default transcoder (trained into the cache on first use)."""
     prompt_error_threshold: float = 0.9
     """``RESIDUE_PROMPT_ERROR_THRESHOLD``: the ``prompt_error_ratio`` scorer flags a request whose mean
     reconstruction error ratio at the last prompt token reaches this."""
@@ -102,6 +115,29 @@ class ServerConfig:
     calls, so load balancers stop routing here first."""
     grace_s: float = 10.0
     """``RESIDUE_GRACE_S``: after that, seconds in-flight calls get to finish before they are cancelled."""
+    trace_model: str = ""
+    """``RESIDUE_TRACE_MODEL``: the model Trace builds attribution graphs on: ``smollm2``, ``tiny`` (the test
+    model) or an HF model folder; it must be the model the plugin watches for replays by request id. It is
+    loaded in worker processes, never in the sidecar's own. Empty: Trace is off and answers
+    FAILED_PRECONDITION."""
+    trace_max_tokens: int = 256
+    """``RESIDUE_TRACE_MAX_TOKENS``: longest prompt Trace accepts, in tokens (chat template included);
+    longer ones are refused with RESOURCE_EXHAUSTED before any work is done."""
+    trace_max_bytes: int = 4 * GiB
+    """``RESIDUE_TRACE_MAX_BYTES``: most memory one graph may need, as estimated from the prompt length, the
+    transcoder's shape and the request's settings before it runs; above it, RESOURCE_EXHAUSTED."""
+    trace_timeout_s: float = 120.0
+    """``RESIDUE_TRACE_TIMEOUT_S``: longest a Trace call may run, whatever its deadline; the graph stops
+    adding features shortly before the earlier of the two and is returned partial (its summary says so)."""
+    trace_max_feature_nodes: int = 1024
+    """``RESIDUE_TRACE_MAX_FEATURE_NODES``: features traced when a request leaves ``max_feature_nodes`` at 0,
+    and the most a request may ask for: more is INVALID_ARGUMENT (not silently capped)."""
+    trace_workers: int = 1
+    """``RESIDUE_TRACE_WORKERS``: worker processes building graphs at once, each with its own copy of the
+    model and transcoder."""
+    trace_queue: int = 2
+    """``RESIDUE_TRACE_QUEUE``: Trace calls that may wait for a busy worker; one more is refused with
+    RESOURCE_EXHAUSTED (busy, retry later)."""
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "health_port"):
@@ -109,14 +145,17 @@ class ServerConfig:
             if not low <= getattr(self, name) <= 65535:
                 raise InvalidInput(f"{ENV[name]} must be a port in {low}..65535, got {getattr(self, name)}")
         for name in ("max_concurrent_rpcs", "max_open_requests", "max_frames_per_request", "max_layers",
-                     "max_features_per_layer", "max_heads"):  # fmt: skip
+                     "max_features_per_layer", "max_heads", "trace_max_tokens", "trace_max_bytes",
+                     "trace_max_feature_nodes", "trace_workers"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{ENV[name]} must be an integer >= 1, got {getattr(self, name)}")
         if self.max_message_bytes < 64 * 1024:
             raise InvalidInput(
                 f"{ENV['max_message_bytes']} must be at least 65536, got {self.max_message_bytes}"
             )
-        for name in ("request_expiry_s", "orphan_grace_s"):
+        if self.trace_queue < 0:
+            raise InvalidInput(f"{ENV['trace_queue']} must be an integer >= 0, got {self.trace_queue}")
+        for name in ("request_expiry_s", "orphan_grace_s", "trace_timeout_s"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise InvalidInput(
                     f"{ENV[name]} must be a positive number of seconds, got {getattr(self, name)}"
@@ -130,8 +169,25 @@ class ServerConfig:
             raise InvalidInput(
                 f"TLS needs both {ENV['tls_cert']} and {ENV['tls_key']} (PEM files), or neither for plaintext"
             )
+        self._check_trace_model()
         if self.token != self.token.strip() or any(c.isspace() for c in self.token):
             raise InvalidInput(f"{ENV['token']} must not contain whitespace (it travels in an HTTP/2 header)")
+
+    def _check_trace_model(self) -> None:
+        # The names resolve_model knows (it accepts any "tiny…" and SmolLM2's full name too); else a folder.
+        m = self.trace_model.lower()
+        if not m or m.startswith(TRACE_MODELS) or m == "smollm2-135m-instruct":
+            return
+        if not (Path(self.trace_model) / "config.json").is_file():
+            raise InvalidInput(
+                f"{ENV['trace_model']} must be one of {', '.join(TRACE_MODELS)} or an HF model folder (with "
+                f"config.json), got {self.trace_model!r}; leave it empty to turn Trace off"
+            )
+
+    @property
+    def trace_enabled(self) -> bool:
+        """Whether the Trace RPC builds graphs (``RESIDUE_TRACE_MODEL`` is set)."""
+        return bool(self.trace_model)
 
     @property
     def tls(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,13 @@ def test_from_env_parses_types_and_overrides_win() -> None:
         ({"RESIDUE_TLS_CERT": "cert.pem"}, "RESIDUE_TLS_KEY"),
         ({"RESIDUE_TOKEN": "two words"}, "RESIDUE_TOKEN must not contain whitespace"),
         ({"RESIDUE_MAX_MESSAGE_BYTES": "100"}, "RESIDUE_MAX_MESSAGE_BYTES must be at least"),
+        ({"RESIDUE_TRACE_MODEL": "/nonexistent/model"}, "RESIDUE_TRACE_MODEL must be one of smollm2, tiny"),
+        ({"RESIDUE_TRACE_MAX_TOKENS": "0"}, "RESIDUE_TRACE_MAX_TOKENS must be an integer >= 1"),
+        ({"RESIDUE_TRACE_MAX_BYTES": "-5"}, "RESIDUE_TRACE_MAX_BYTES must be an integer >= 1"),
+        ({"RESIDUE_TRACE_TIMEOUT_S": "0"}, "RESIDUE_TRACE_TIMEOUT_S must be a positive number"),
+        ({"RESIDUE_TRACE_MAX_FEATURE_NODES": "0"}, "RESIDUE_TRACE_MAX_FEATURE_NODES must be an integer >= 1"),
+        ({"RESIDUE_TRACE_WORKERS": "0"}, "RESIDUE_TRACE_WORKERS must be an integer >= 1"),
+        ({"RESIDUE_TRACE_QUEUE": "-1"}, "RESIDUE_TRACE_QUEUE must be an integer >= 0"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], message: str) -> None:
@@ -53,3 +61,16 @@ def test_unknown_override_and_unreadable_tls_files() -> None:
     cfg = ServerConfig(tls_cert="/nonexistent/cert.pem", tls_key="/nonexistent/key.pem")
     with pytest.raises(InvalidInput, match=r"RESIDUE_TLS_KEY=.* cannot be read"):
         cfg.read_tls()
+
+
+def test_trace_settings(tmp_path: Path) -> None:
+    """Trace is off by default; on with a named model or an HF folder (a folder with config.json), with
+    the documented defaults for its limits."""
+    cfg = ServerConfig()
+    assert not cfg.trace_enabled
+    assert (cfg.trace_max_tokens, cfg.trace_max_bytes, cfg.trace_timeout_s) == (256, 4 << 30, 120.0)
+    assert (cfg.trace_max_feature_nodes, cfg.trace_workers, cfg.trace_queue) == (1024, 1, 2)
+    assert ServerConfig.from_env({"RESIDUE_TRACE_MODEL": "smollm2"}).trace_enabled
+    assert ServerConfig.from_env({"RESIDUE_TRACE_MODEL": "tiny"}).trace_enabled
+    (tmp_path / "config.json").write_text("{}")
+    assert ServerConfig.from_env({"RESIDUE_TRACE_MODEL": str(tmp_path)}).trace_model == str(tmp_path)
