@@ -44,10 +44,17 @@ DropReason = Literal[
 """Plugin side: queue_full, hook_error, send_error. Sidecar side: invalid_frame, unknown_request (no
 RequestStart), late (the request was already finalized), duplicate (a repeat of an ingested frame: nothing
 is lost), over_limit (RESIDUE_MAX_FRAMES_PER_REQUEST reached)."""
+TraceCode = Literal[
+    "ok", "cancelled", "invalid_argument", "not_found", "failed_precondition", "resource_exhausted",
+    "deadline_exceeded", "unavailable", "internal", "other",
+]  # fmt: skip
+"""How a Trace call ended: its gRPC status code in lower case; ``cancelled``: the client's deadline passed
+or it hung up first."""
 # get_args keeps each Literal the single source of its label values.
 PHASES = cast("tuple[Phase, ...]", get_args(Phase))
 LAYER_BANDS = cast("tuple[LayerBand, ...]", get_args(LayerBand))
 DROP_REASONS = cast("tuple[DropReason, ...]", get_args(DropReason))
+TRACE_CODES = cast("tuple[TraceCode, ...]", get_args(TraceCode))
 OTHER = "other"
 
 # Upper bounds (+Inf implicit). Scores sit in ~[0, 1]; 2 and 5 keep an uncalibrated one out of +Inf.
@@ -75,6 +82,7 @@ HELP: Mapping[str, str] = {
     "residue_ingest_latency_seconds": "Time the sidecar took to ingest one frame.",
     "residue_capture_overhead_seconds": "Forward-pass time the plugin's capture added, per step.",
     "residue_prefill_risk": "Failure forecast at the last prompt token, in [0, 1].",
+    "residue_trace_calls": "Trace calls (attribution graphs) answered, by status code.",
 }
 
 # OpenMetrics caps an exemplar's label names + values at 128 UTF-8 characters, and Prometheus fails
@@ -142,6 +150,7 @@ class SidecarStats:
     capture_overhead_seconds: HistogramData
     prefill_risk: HistogramData
     prefill_flags: int
+    trace_calls: Mapping[str, int]  # by status code (TraceCode)
     prefill_flag_exemplar: RequestExemplar | None = None
 
 
@@ -218,6 +227,7 @@ class StatsAccumulator:
         self._prefill_risk = _Histogram(RISK_BUCKETS)
         self._prefill_flags = 0
         self._prefill_flag_exemplar: RequestExemplar | None = None
+        self._trace_calls: dict[str, int] = dict.fromkeys(TRACE_CODES, 0)
 
     def _fingerprint(self, name: str) -> str:
         return name if name in self._flags else OTHER
@@ -286,6 +296,12 @@ class StatsAccumulator:
             if flagged and ex is not None:
                 self._prefill_flag_exemplar = ex
 
+    def inc_trace_calls(self, code: str) -> None:
+        """One Trace call ended with ``code`` (a ``TraceCode``; anything else counts as ``other``)."""
+        key = code if code in self._trace_calls else OTHER
+        with self._lock:
+            self._trace_calls[key] += 1
+
     def snapshot(self) -> SidecarStats:
         """A frozen copy; taken under the lock so counters and histograms agree with each other."""
         with self._lock:
@@ -305,6 +321,7 @@ class StatsAccumulator:
                 prefill_risk=self._prefill_risk.freeze(),
                 prefill_flags=self._prefill_flags,
                 prefill_flag_exemplar=self._prefill_flag_exemplar,
+                trace_calls=MappingProxyType(dict(self._trace_calls)),
             )
 
 
@@ -359,6 +376,7 @@ class ResidueCollector(Collector):
         yield _counter("residue_store_errors", h["residue_store_errors"], s.store_errors)
         pex = {"": s.prefill_flag_exemplar}
         yield _counter("residue_prefill_flags", h["residue_prefill_flags"], s.prefill_flags, "", pex)
+        yield _counter("residue_trace_calls", h["residue_trace_calls"], s.trace_calls, "code")
         yield GaugeMetricFamily("residue_store_backlog", h["residue_store_backlog"], value=s.store_backlog)
         score, ratio = s.fingerprint_score, s.error_ratio
         yield _histogram("residue_fingerprint_score", h["residue_fingerprint_score"], score, "fingerprint")

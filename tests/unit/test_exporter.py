@@ -23,6 +23,7 @@ from residue_monitor.service.exporter import (
     HELP,
     LAYER_BANDS,
     PHASES,
+    TRACE_CODES,
     StatsAccumulator,
     layer_band,
     register_collectors,
@@ -47,6 +48,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "residue_ingest_latency_seconds": ("histogram", set()),
     "residue_capture_overhead_seconds": ("histogram", set()),
     "residue_prefill_risk": ("histogram", set()),
+    "residue_trace_calls": ("counter", {"code"}),
 }
 
 
@@ -68,6 +70,9 @@ def feed(acc: StatsAccumulator) -> None:
     acc.observe_capture_overhead(0.0004)
     acc.observe_prefill_risk(0.8, "req-3", flagged=True)
     acc.observe_prefill_risk(0.1, "req-1")
+    acc.inc_trace_calls("ok")
+    acc.inc_trace_calls("resource_exhausted")
+    acc.inc_trace_calls("unauthenticated")  # not a Trace outcome: folds into "other"
 
 
 @pytest.fixture()
@@ -115,6 +120,9 @@ def test_every_family_present_with_type_and_labels(
     assert get("residue_fingerprint_score_sum", {"fingerprint": "v1"}) == pytest.approx(1.13)
     assert get("residue_prefill_risk_count") == 2
     assert get("residue_capture_overhead_seconds_bucket", {"le": "0.0005"}) == 1
+    assert get("residue_trace_calls_total", {"code": "ok"}) == 1
+    assert get("residue_trace_calls_total", {"code": "other"}) == 1
+    assert get("residue_trace_calls_total", {"code": "internal"}) == 0
 
 
 def test_histogram_buckets_cumulative_le_inclusive_and_sum(
@@ -146,22 +154,26 @@ def test_histogram_buckets_cumulative_le_inclusive_and_sum(
 
 
 def test_label_cardinality_bounded(acc: StatsAccumulator, registry: CollectorRegistry) -> None:
-    """Unknown fingerprints and reasons fold into "other"; request ids never appear as label values."""
+    """Unknown fingerprints, reasons and trace codes fold into "other"; request ids never appear as label
+    values."""
     for i in range(300):
         acc.observe_fingerprint_score(f"fp-{i}", 0.5, f"req-{i}", flagged=True)
         acc.inc_frames_dropped(f"reason-{i}")
+        acc.inc_trace_calls(f"code-{i}")
     fams = residue_families(registry)
     allowed = {
         "fingerprint": {*FINGERPRINTS, "other"},
         "reason": set(DROP_REASONS),
         "phase": set(PHASES),
         "layer_band": set(LAYER_BANDS),
+        "code": set(TRACE_CODES),
     }
     for name, (_, _, pairs) in fams.items():
         for label, value in pairs:
             assert value in allowed[label], (name, label, value)
     assert registry.get_sample_value("residue_flags_total", {"fingerprint": "other"}) == 300
     assert registry.get_sample_value("residue_frames_dropped_total", {"reason": "other"}) == 300
+    assert registry.get_sample_value("residue_trace_calls_total", {"code": "other"}) == 300
     assert "req-" not in generate_latest(registry).decode()
 
 
