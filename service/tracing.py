@@ -1,8 +1,9 @@
 """Attribution graphs as a job: load a model + transcoder once, trace token ids, package the result.
 
 Used by ``residue trace`` in process and by the sidecar's Trace RPC in a separate worker process
-(``worker_init`` / ``worker_run``: the model loads once per worker; the job and its outcome are plain
-frozen dataclasses, so they cross the process boundary by value).
+(``worker_init`` / ``worker_describe`` / ``worker_run``: the model loads once per worker; the job, its
+outcome and the worker's description are plain frozen dataclasses, so they cross the process boundary by
+value).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from residue_monitor.detectors.attribution.graph import (
 )
 from residue_monitor.detectors.attribution.prune import Pruned, prune
 from residue_monitor.detectors.attribution.summary import NodeInfo, render_text, summarize
+from residue_monitor.detectors.clt.model import CLTConfig
 from residue_monitor.detectors.exceptions import InvalidInput, ModelUnavailable, ResidueError
 from residue_monitor.detectors.request import _eos_ids, generate, prompt_ids  # pyright: ignore[reportPrivateUsage]
 from residue_monitor.service.engine import Engine, load_engine
@@ -107,10 +109,7 @@ class Tracer:
         return ids + out[:-1], out, stopped
 
     def estimate_bytes(self, n_pos: int, cfg: GraphConfig) -> int:
-        c = self.engine.clt.cfg
-        k = c.k if c.k is not None else max(1, c.n_features // 16)
-        return estimate_bytes(n_pos, c.n_layers, c.d_model, c.n_features, k, cfg,
-                              c.model_kind == "cross_layer_transcoder")  # fmt: skip
+        return _estimate(self.engine.clt.cfg, n_pos, cfg)
 
     def trace(self, job: TraceJob, progress: ProgressFn | None = None) -> tuple[AttributionGraph, Pruned]:
         deadline = None
@@ -150,6 +149,12 @@ class Tracer:
             model=self.model_name,
             clt_id=g.clt_id,
         )
+
+
+def _estimate(c: CLTConfig, n_pos: int, cfg: GraphConfig) -> int:
+    k = c.k if c.k is not None else max(1, c.n_features // 16)
+    return estimate_bytes(n_pos, c.n_layers, c.d_model, c.n_features, k, cfg,
+                          c.model_kind == "cross_layer_transcoder")  # fmt: skip
 
 
 def write_outputs(
@@ -196,6 +201,53 @@ def worker_info() -> dict[str, Any]:
     if _TRACER is None:
         return {"error": _INIT_ERROR or "the trace worker has no model"}
     return {"model": _TRACER.model_name, "clt_id": _TRACER.clt_id, "eos": _TRACER.eos}
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the sidecar learns from a trace worker before sending it jobs (``worker_describe``)."""
+
+    model: str = ""
+    """The prepared model's name (what replayed records must name)."""
+    model_path: str = ""
+    """Its HF folder: the sidecar loads only the tokenizer from it, to count and template prompts."""
+    vocab_size: int = 0
+    clt_id: str = ""
+    clt: CLTConfig | None = None
+    """The transcoder's shape, for :meth:`estimate_bytes` without a round trip to a busy worker."""
+    error: str = ""
+    """Why the worker has no model (then every other field is empty)."""
+
+    def estimate_bytes(self, n_pos: int, cfg: GraphConfig) -> int:
+        """``Tracer.estimate_bytes`` of the worker's tracer, computed where the worker is not."""
+        assert self.clt is not None, "a worker that failed to load has no transcoder"
+        return _estimate(self.clt, n_pos, cfg)
+
+
+def worker_describe() -> WorkerInfo:
+    """The loaded tracer's model, vocabulary and transcoder shape, or the load error."""
+    if _TRACER is None:
+        return WorkerInfo(error=_INIT_ERROR or "the trace worker has no model")
+    e = _TRACER.engine
+    return WorkerInfo(
+        model=_TRACER.model_name,
+        model_path=str(e.prepared.path),
+        vocab_size=int(e.model.config.vocab_size),
+        clt_id=_TRACER.clt_id,
+        clt=e.clt.cfg,
+    )
+
+
+def node_id(n: NodeInfo) -> str:
+    """circuit-tracer's id of a feature, error or logit node, as ``export.node_ids`` writes it into the
+    JSON (a token node's id needs its token id, which ``NodeInfo`` does not carry)."""
+    if n.kind == "feature":
+        return f"{n.layer}_{n.feature}_{n.pos}"
+    if n.kind == "error":
+        return f"{n.layer}_-1_{n.pos}"
+    if n.kind == "logit":  # NodeInfo.layer is L for logits; the JSON puts them at L + 1
+        return f"{n.layer + 1}_{n.feature}_{n.pos}"
+    raise InvalidInput(f"node_id covers feature, error and logit nodes, got a {n.kind!r} node")
 
 
 def worker_run(job: TraceJob) -> TraceOutcome:
