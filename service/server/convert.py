@@ -2,18 +2,24 @@
 
 Ingest messages become events in ``validate.py`` (conversion and validation are one pass there); this
 module covers everything else: outcome → ``ResidueRecord`` and ``FlagEvent``s, scorers → ``Fingerprint``s,
-query and watch requests → store / hub filters, stream counters → ``IngestSummary``.
+query and watch requests → store / hub filters, stream counters → ``IngestSummary``, ``TraceRequest`` →
+``TraceCall`` and ``TraceOutcome`` → ``TraceResult``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from residue_monitor.detectors.attribution.graph import TargetKind, TargetSpec
+from residue_monitor.detectors.attribution.summary import NodeInfo
+from residue_monitor.detectors.exceptions import InvalidInput
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service.server.flags import WatchFilter
 from residue_monitor.service.server.record import Outcome
 from residue_monitor.service.server.scoring import Scorer
+from residue_monitor.service.server.trace import TraceCall, check_fraction
 from residue_monitor.service.store.base import RecordFilter, check_tenant
+from residue_monitor.service.tracing import TraceOutcome, node_id
 
 NO_FORECAST = "no prefill forecast model is loaded (the residue-engine issue brings one)"
 
@@ -124,3 +130,71 @@ def record_filter(q: pb.QueryResiduesRequest) -> RecordFilter:
 def watch_filter(w: pb.WatchFlagsRequest) -> WatchFilter:
     """The hub filter of a WatchFlags request."""
     return WatchFilter(check_tenant(w.tenant), w.model, w.fingerprint, w.after_event_id)
+
+
+TARGET_OF: dict[int, TargetKind] = {
+    pb.TARGET_KIND_EMITTED_TOKEN: "emitted",
+    pb.TARGET_KIND_EOS: "eos",
+    pb.TARGET_KIND_TOKEN: "token",
+    pb.TARGET_KIND_CONTRAST: "contrast",
+}
+
+
+def _target(t: pb.TraceRequest) -> TargetSpec:
+    kind = TARGET_OF.get(t.target)
+    if kind is None:
+        known = ", ".join(pb.TargetKind.Name(k) for k in TARGET_OF)
+        got = "TARGET_KIND_UNSPECIFIED" if t.target == pb.TARGET_KIND_UNSPECIFIED else str(t.target)
+        raise InvalidInput(f"target must be one of {known}; got {got}")
+    if kind == "token":
+        return TargetSpec(kind, token_id=t.token_id)
+    if kind == "contrast":
+        if not t.HasField("contrast"):
+            raise InvalidInput("target TARGET_KIND_CONTRAST needs contrast {token_id, contrast_token_id}")
+        a, b = t.contrast.token_id, t.contrast.contrast_token_id
+        if a == b:
+            raise InvalidInput(f"contrast needs two different token ids, got {a} twice")
+        return TargetSpec(kind, token_id=a, contrast_token_id=b)
+    return TargetSpec(kind)
+
+
+def trace_call(t: pb.TraceRequest) -> TraceCall:
+    """The checked call of a TraceRequest (``InvalidInput`` says what to fix). Token ids are checked against
+    the model's vocabulary later, by ``TraceService``; proto3 cannot tell an unset ``token_id`` from 0, so
+    TARGET_KIND_TOKEN with no token_id traces token 0."""
+    source = t.WhichOneof("source")
+    if source is None:
+        raise InvalidInput("set prompt (text to trace) or request_id (a stored request with token ids)")
+    if source == "prompt" and not t.prompt.strip():
+        raise InvalidInput("prompt is empty: give the text to trace")
+    if source == "request_id" and not t.request_id:
+        raise InvalidInput("request_id is empty: give a stored request's id")
+    return TraceCall(
+        target=_target(t),
+        prompt=t.prompt if source == "prompt" else "",
+        request_id=t.request_id if source == "request_id" else "",
+        tenant=t.tenant,
+        node_threshold=check_fraction("node_threshold", t.node_threshold),
+        edge_threshold=check_fraction("edge_threshold", t.edge_threshold),
+        max_feature_nodes=t.max_feature_nodes,
+    )
+
+
+def _node(n: NodeInfo) -> pb.GraphNodeSummary:
+    return pb.GraphNodeSummary(
+        node_id=node_id(n), layer=n.layer, position=n.pos, feature=n.feature, influence=n.influence
+    )
+
+
+def trace_result(o: TraceOutcome) -> pb.TraceResult:
+    """The wire form of a worker's outcome."""
+    return pb.TraceResult(
+        graph_json=o.graph_json,
+        replacement_score=o.replacement_score,
+        completeness_score=o.completeness_score,
+        summary=o.summary,
+        top_error_nodes=[_node(n) for n in o.top_errors],
+        top_features=[_node(n) for n in o.top_features],
+        model=o.model,
+        clt_id=o.clt_id,
+    )

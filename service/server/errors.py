@@ -45,6 +45,19 @@ class LimitExceeded(ResidueError):
     """A configured bound (open requests, watcher backlog, …) would be exceeded; the message names it."""
 
 
+class FailedPrecondition(ResidueError):
+    """A valid call this sidecar cannot serve as configured, or for the stored data it names (Trace turned
+    off, a request stored without its token ids); the message says what to change."""
+
+
+class WorkerUnavailable(ResidueError):
+    """A worker process (Trace's) died or could not start; it is restarted, and retrying may succeed."""
+
+
+class DeadlineExceeded(ResidueError):
+    """A server-side time limit (not the client's deadline) ran out; the message names the setting."""
+
+
 class Rejected(InvalidInput):
     """An ingest message failed validation; ``reason`` is its ``RejectReason`` (also a metric label)."""
 
@@ -60,6 +73,9 @@ STATUS_OF: tuple[tuple[type[ResidueError], grpc.StatusCode], ...] = (
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (ArtifactMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (CLTFormatError, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelUnavailable, grpc.StatusCode.FAILED_PRECONDITION),

@@ -9,6 +9,9 @@ because requests live in the sidecar, not in the stream, so a plugin that reconn
 was. The ``IngestSummary`` of a failed stream rides in the trailing metadata ``residue-ingest-summary-bin``.
 While the sidecar drains, a stream returns its summary after the message in hand, so the plugin can
 reconnect to another replica.
+
+Trace builds an attribution graph in ``TraceService``'s worker processes (``service.server.trace``): the
+handler only converts and awaits, so ingest keeps being served while a graph is built.
 """
 
 from __future__ import annotations
@@ -18,28 +21,30 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from grpc import aio
 
 from residue_monitor.detectors.exceptions import ResidueError
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
-from residue_monitor.service.server.convert import fingerprint_protos, record_filter, watch_filter
+from residue_monitor.service.server.convert import (
+    fingerprint_protos,
+    record_filter,
+    trace_call,
+    trace_result,
+    watch_filter,
+)
 from residue_monitor.service.server.flags import FlagHub, watch
 from residue_monitor.service.server.pipeline import IngestPipeline, StreamCounts
 from residue_monitor.service.server.scoring import Registry, Scorer
+from residue_monitor.service.server.trace import TraceService
 from residue_monitor.service.store import MemoryStore, Store
 
 SUMMARY_METADATA_KEY = "residue-ingest-summary-bin"
-TRACE_UNIMPLEMENTED = (
-    "Trace is not implemented in this sidecar yet: attribution graphs arrive with their own issue "
-    "(detectors/attribution); use the offline `residue` CLI until then"
-)
 Context = aio.ServicerContext[Any, Any]
 
 
 class ResidueServicer(pb_grpc.ResidueServiceServicer):
-    """The sidecar's API over the pipeline, the store, the scorers and the flag hub."""
+    """The sidecar's API over the pipeline, the store, the scorers, the flag hub and the trace workers."""
 
     def __init__(
         self,
@@ -48,12 +53,14 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
         scorers: Registry[Scorer],
         hub: FlagHub,
         draining: asyncio.Event,
+        tracer: TraceService,
     ) -> None:
         self._pipeline = pipeline
         self._store = store
         self._scorers = scorers
         self._hub = hub
         self._draining = draining
+        self._tracer = tracer
         self._tail_store = not isinstance(store, MemoryStore)
         """A store other replicas may share: WatchFlags also tails its flag stream (flags.watch)."""
 
@@ -107,4 +114,5 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
         return fingerprint_protos(self._scorers, request.model)
 
     async def Trace(self, request: pb.TraceRequest, context: Context) -> pb.TraceResult:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, TRACE_UNIMPLEMENTED)
+        outcome = await self._tracer.trace(trace_call(request), context.time_remaining())
+        return trace_result(outcome)

@@ -6,8 +6,12 @@ Graceful stop (SIGTERM, or ``Sidecar.stop``), in order:
 2. after ``drain_delay_s``: WatchFlags streams end cleanly, Ingest streams return their summary after the
    message in hand, and the server stops accepting calls;
 3. in-flight calls get ``grace_s`` to finish, then are cancelled;
-4. requests still open are stored as incomplete, pending store writes finish, the store closes (a
-   RedisStore makes a last attempt to flush its backlog), /metrics stops.
+4. the trace workers stop (a graph still being built is abandoned), requests still open are stored as
+   incomplete, pending store writes finish, the store closes (a RedisStore makes a last attempt to flush
+   its backlog), /metrics stops.
+
+With ``RESIDUE_TRACE_MODEL`` set, the trace workers start loading the model in the background at start, so
+the first Trace call does not pay for it and a model that cannot load is logged at once.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from residue_monitor.service.server.flags import FlagHub
 from residue_monitor.service.server.pipeline import IngestPipeline
 from residue_monitor.service.server.scoring import Registry, Scorer, default_scorers
 from residue_monitor.service.server.servicer import ResidueServicer
+from residue_monitor.service.server.trace import TraceService
 from residue_monitor.service.server.validate import FrameLimits
 from residue_monitor.service.store import Store, StoreConfig
 from residue_monitor.service.store.factory import store_from_config
@@ -85,6 +90,8 @@ class Sidecar:
         self._metrics: MetricsServer | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self.pipeline: IngestPipeline | None = None
+        self.tracer: TraceService | None = None
+        """The Trace RPC's worker pool (after ``start``)."""
         self.port = 0
         """The bound gRPC port (after ``start``)."""
 
@@ -137,7 +144,10 @@ class Sidecar:
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
-        servicer = ResidueServicer(self.pipeline, self._store, self.scorers, self.hub, self._draining)
+        self.tracer = TraceService(cfg, self._store, self.stats)
+        servicer = ResidueServicer(
+            self.pipeline, self._store, self.scorers, self.hub, self._draining, self.tracer
+        )
         pb_grpc.add_ResidueServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -151,6 +161,7 @@ class Sidecar:
             self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
+        self.tracer.warm_up()
         if cfg.health_port >= 0:
             # Probes carry no token and speak no TLS: this port serves the health service alone.
             hs = aio.server()
@@ -166,9 +177,10 @@ class Sidecar:
             register_collectors(self.registry, self.stats.snapshot)
             self._metrics = start_metrics_server(self.registry, cfg.metrics_host, cfg.metrics_port)
         logger.info(
-            "residue sidecar on %s:%d (%s%s), CLT %s, scorers %s",
+            "residue sidecar on %s:%d (%s%s), CLT %s, scorers %s, Trace %s",
             cfg.host, self.port, "TLS" if cfg.tls else "plaintext", ", token auth" if cfg.token else "",
             self._clt.clt_id() if self._clt is not None else "none", ", ".join(self.scorers.names()),
+            cfg.trace_model or "off",
         )  # fmt: skip
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
@@ -187,6 +199,8 @@ class Sidecar:
             await self._server.stop(cfg.grace_s if grace_s is None else grace_s)
         if self._health_server is not None:
             await self._health_server.stop(0)
+        if self.tracer is not None:
+            await self.tracer.close()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -245,15 +245,17 @@ async def test_watch_flags_receives_live_flags_honouring_the_filter(
         await _until(lambda: sidecar.hub.watchers == 0)
 
 
-async def test_list_fingerprints_and_trace_unimplemented(sidecar: Sidecar) -> None:
-    """ListFingerprints names the thresholded scorers; Trace answers UNIMPLEMENTED saying why."""
+async def test_list_fingerprints_and_trace_off(sidecar: Sidecar) -> None:
+    """ListFingerprints names the thresholded scorers; with no RESIDUE_TRACE_MODEL, Trace answers
+    FAILED_PRECONDITION saying how to turn it on (tests/integration/test_trace_rpc.py covers Trace)."""
     async with channel(sidecar) as ch:
         stub = pb_grpc.ResidueServiceStub(ch)
         fps = await stub.ListFingerprints(pb.ListFingerprintsRequest())
         assert [f.name for f in fps.fingerprints] == ["prompt_error_ratio"]
         assert fps.fingerprints[0].threshold == sidecar.cfg.prompt_error_threshold
         err = await rpc_error(stub.Trace(pb.TraceRequest(prompt="hi", target=pb.TARGET_KIND_EOS)))
-        assert err.code() == grpc.StatusCode.UNIMPLEMENTED and "own issue" in (err.details() or "")
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "RESIDUE_TRACE_MODEL" in (err.details() or "")
 
 
 async def test_health_reflection_and_graceful_drain(
