@@ -137,7 +137,7 @@ class Tracer:
             why = "no other feature reaches a target, or time ran out"
             text += f"note: {s.n_selected} of {budget} features traced ({why})\n"
         return TraceOutcome(
-            graph_json=json.dumps(doc),
+            graph_json=json.dumps(doc, separators=(",", ":")),  # compact: ~8 % smaller on the wire
             replacement_score=s.replacement_score,
             completeness_score=s.completeness_score,
             summary=text,

@@ -52,6 +52,7 @@ ENV: Mapping[str, str] = {
     "trace_max_feature_nodes": "RESIDUE_TRACE_MAX_FEATURE_NODES",
     "trace_workers": "RESIDUE_TRACE_WORKERS",
     "trace_queue": "RESIDUE_TRACE_QUEUE",
+    "trace_max_response_bytes": "RESIDUE_TRACE_MAX_RESPONSE_BYTES",
 }
 TRACE_MODELS = ("smollm2", "tiny")
 """Model names ``RESIDUE_TRACE_MODEL`` accepts besides an HF folder (``service.models.resolve_model``)."""
@@ -138,6 +139,11 @@ class ServerConfig:
     trace_queue: int = 2
     """``RESIDUE_TRACE_QUEUE``: Trace calls that may wait for a busy worker; one more is refused with
     RESOURCE_EXHAUSTED (busy, retry later)."""
+    trace_max_response_bytes: int = 64 * MiB
+    """``RESIDUE_TRACE_MAX_RESPONSE_BYTES``: largest Trace answer the sidecar sends (a 64-token SmolLM2 graph
+    at the default thresholds is ~5 MB of JSON); a larger graph is RESOURCE_EXHAUSTED. It raises only the
+    send limit: what the sidecar accepts stays at ``RESIDUE_MAX_MESSAGE_BYTES``. Clients need a receive
+    limit as large (Python: the ``grpc.max_receive_message_length`` channel option; the default is 4 MiB)."""
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "health_port"):
@@ -146,7 +152,7 @@ class ServerConfig:
                 raise InvalidInput(f"{ENV[name]} must be a port in {low}..65535, got {getattr(self, name)}")
         for name in ("max_concurrent_rpcs", "max_open_requests", "max_frames_per_request", "max_layers",
                      "max_features_per_layer", "max_heads", "trace_max_tokens", "trace_max_bytes",
-                     "trace_max_feature_nodes", "trace_workers"):  # fmt: skip
+                     "trace_max_feature_nodes", "trace_workers", "trace_max_response_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{ENV[name]} must be an integer >= 1, got {getattr(self, name)}")
         if self.max_message_bytes < 64 * 1024:

@@ -140,7 +140,8 @@ class Sidecar:
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                # Sends are the sidecar's own answers: only Trace's graph JSON outgrows the receive limit.
+                ("grpc.max_send_message_length", max(cfg.max_message_bytes, cfg.trace_max_response_bytes)),
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )

@@ -398,11 +398,12 @@ class TraceService:
                 "max_feature_nodes"
             ) from e
         size = len(out.graph_json) + RESPONSE_OVERHEAD
-        if size > self.cfg.max_message_bytes:
+        limit = self.cfg.trace_max_response_bytes
+        if size > limit:
             raise LimitExceeded(
-                f"the graph's JSON is {len(out.graph_json)} bytes, more than {ENV['max_message_bytes']}="
-                f"{self.cfg.max_message_bytes} lets the sidecar send: lower node_threshold / edge_threshold "
-                "or max_feature_nodes, or raise the limit (and the client's max receive size)"
+                f"the graph's JSON is {len(out.graph_json)} bytes, more than "
+                f"{ENV['trace_max_response_bytes']}={limit} lets the sidecar send: lower node_threshold / "
+                "edge_threshold or max_feature_nodes, or raise the limit (and the client's max receive size)"
             )
         return out
 

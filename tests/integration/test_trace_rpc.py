@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -269,6 +270,20 @@ async def test_large_requests_are_refused_before_any_work(
     assert "RESIDUE_TRACE_MAX_BYTES" in (err.details() or "")
     assert tracer(sidecar).jobs_submitted == before
     assert sidecar.stats.snapshot().trace_calls["resource_exhausted"] >= 3
+
+
+async def test_an_answer_over_the_response_limit_is_resource_exhausted(
+    sidecar: Sidecar, stub: pb_grpc.ResidueServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graph whose JSON is larger than RESIDUE_TRACE_MAX_RESPONSE_BYTES is refused with RESOURCE_EXHAUSTED
+    naming the setting; the sidecar's send limit is the larger of that and the message limit, so a real
+    graph above the 4 MiB receive limit can still be sent."""
+    svc = tracer(sidecar)
+    assert sidecar.cfg.trace_max_response_bytes > sidecar.cfg.max_message_bytes
+    monkeypatch.setattr(svc, "cfg", dataclasses.replace(svc.cfg, trace_max_response_bytes=2048))
+    err = await rpc_error(stub.Trace(trace(), timeout=60))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "RESIDUE_TRACE_MAX_RESPONSE_BYTES" in (err.details() or "")
 
 
 async def test_busy_when_workers_and_queue_are_full(
