@@ -82,3 +82,35 @@ def test_smollm2_graph_is_meaningful(tracer: Tracer) -> None:
     eos = TraceJob(tuple(ids), TargetSpec("eos"), GraphConfig(max_feature_nodes=64))
     ge, _ = tracer.trace(eos)
     assert [t.vocab_idx for t in ge.targets] == [tracer.eos[0]]
+
+
+@pytest.mark.asyncio
+async def test_trace_rpc_on_smollm2() -> None:
+    """The sidecar's Trace call on SmolLM2 with the default transcoder, at the default settings: a full
+    graph (over gRPC's 4 MiB default, so the client raises its receive limit) with the scores and top
+    nodes of the offline path."""
+    from grpc import aio
+
+    from residue_monitor.service._proto import residue_pb2 as pb
+    from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
+    from residue_monitor.service.server import ServerConfig, Sidecar
+    from residue_monitor.service.store import MemoryStore
+    from residue_monitor.service.training import default_clt_path
+
+    clt_dir, _ = default_clt_path("smollm2")
+    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, drain_delay_s=0.0, grace_s=1.0,
+                       trace_model="smollm2", clt_path=str(clt_dir))  # fmt: skip
+    s = Sidecar(cfg, store=MemoryStore())
+    await s.start()
+    try:
+        opts = [("grpc.max_receive_message_length", cfg.trace_max_response_bytes)]
+        async with aio.insecure_channel(f"127.0.0.1:{s.port}", options=opts) as ch:
+            r = await pb_grpc.ResidueServiceStub(ch).Trace(
+                pb.TraceRequest(prompt=PROMPT, target=pb.TARGET_KIND_EMITTED_TOKEN), timeout=300
+            )
+    finally:
+        await s.stop(grace_s=0.5, drain_delay_s=0.0)
+    doc = json.loads(r.graph_json)
+    assert len(doc["links"]) > 1000 and doc["metadata"]["prompt"] == PROMPT
+    assert 0.05 < r.replacement_score < 1 and r.top_features and r.top_error_nodes
+    assert r.model == "SmolLM2-135M-Instruct" and "features traced" not in r.summary  # not cut short
