@@ -46,12 +46,12 @@ DOCUMENTED = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.UNAUTHENTICATED,
 }
-"""What DESIGN.md §5 promises (UNIMPLEMENTED: Trace until attribution lands; DEADLINE_EXCEEDED: the
-client's own deadline)."""
+"""What DESIGN.md §5 and the Trace RPC promise (FAILED_PRECONDITION: Trace off, or a replay of a request
+stored without token ids; DEADLINE_EXCEEDED: the client's own deadline, or Trace's time limit)."""
 
 
 def _mutate(rng: random.Random, data: bytes, others: Sequence[bytes]) -> bytes:
