@@ -41,6 +41,7 @@ ENV: Mapping[str, str] = {
     "prompt_error_threshold": "RESIDUE_PROMPT_ERROR_THRESHOLD",
     "fingerprints_path": "RESIDUE_FINGERPRINTS",
     "token": "RESIDUE_TOKEN",
+    "tenant_tokens_path": "RESIDUE_TENANT_TOKENS",
     "tls_cert": "RESIDUE_TLS_CERT",
     "tls_key": "RESIDUE_TLS_KEY",
     "drain_delay_s": "RESIDUE_DRAIN_DELAY_S",
@@ -107,6 +108,12 @@ class ServerConfig:
     refuses to start otherwise. Empty: detectors only."""
     token: str = ""
     """``RESIDUE_TOKEN``: when set, every call except health checks needs 'authorization: Bearer <token>'."""
+    tenant_tokens_path: str = ""
+    """``RESIDUE_TENANT_TOKENS``: JSON file of read-only tokens scoped to tenants,
+    ``{"tokens": [{"token": "...", "tenants": ["acme"]}]}``: a call with one may read only its tenants'
+    records, queries, flags and replayed traces (PERMISSION_DENIED otherwise) and may not ingest. Needs
+    ``RESIDUE_TOKEN`` (the operator's and plugins' token, which reaches every tenant). Empty: no tenant
+    tokens."""
     tls_cert: str = ""
     """``RESIDUE_TLS_CERT``: PEM certificate chain file; with ``tls_key`` the port serves TLS only."""
     tls_key: str = ""
@@ -176,6 +183,10 @@ class ServerConfig:
                 f"TLS needs both {ENV['tls_cert']} and {ENV['tls_key']} (PEM files), or neither for plaintext"
             )
         self._check_trace_model()
+        if self.tenant_tokens_path and not self.token:
+            raise InvalidInput(
+                f"{ENV['tenant_tokens_path']} needs {ENV['token']}: they narrow an authenticated port"
+            )
         if self.token != self.token.strip() or any(c.isspace() for c in self.token):
             raise InvalidInput(f"{ENV['token']} must not contain whitespace (it travels in an HTTP/2 header)")
 

@@ -41,6 +41,10 @@ class Unauthenticated(ResidueError):
     """The call carried no bearer token, or the wrong one."""
 
 
+class PermissionDenied(ResidueError):
+    """The caller is authenticated but its token does not reach this tenant or this method."""
+
+
 class LimitExceeded(ResidueError):
     """A configured bound (open requests, watcher backlog, …) would be exceeded; the message names it."""
 
@@ -72,6 +76,7 @@ STATUS_OF: tuple[tuple[type[ResidueError], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -26,6 +26,7 @@ from grpc import aio
 from residue_monitor.detectors.exceptions import ResidueError
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
+from residue_monitor.service.server.auth import TenantTokens
 from residue_monitor.service.server.convert import (
     fingerprint_protos,
     record_filter,
@@ -54,6 +55,7 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
         hub: FlagHub,
         draining: asyncio.Event,
         tracer: TraceService,
+        tenants: TenantTokens | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._store = store
@@ -61,8 +63,14 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
         self._hub = hub
         self._draining = draining
         self._tracer = tracer
+        self._tenants = tenants
         self._tail_store = not isinstance(store, MemoryStore)
         """A store other replicas may share: WatchFlags also tails its flag stream (flags.watch)."""
+
+    def _require(self, context: Context, tenant: str) -> None:
+        """PERMISSION_DENIED for a tenant token outside its tenants (auth.TenantTokens)."""
+        if self._tenants is not None:
+            self._tenants.require(context, tenant)
 
     async def Ingest(
         self, request_iterator: AsyncIterator[pb.IngestMessage], context: Context
@@ -81,11 +89,13 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
         return counts.summary()
 
     async def GetResidue(self, request: pb.GetResidueRequest, context: Context) -> pb.ResidueRecord:
+        self._require(context, request.tenant)
         return await self._store.get_record(request.request_id, request.tenant)
 
     async def QueryResidues(
         self, request: pb.QueryResiduesRequest, context: Context
     ) -> pb.QueryResiduesResponse:
+        self._require(context, request.tenant)
         records, token = await self._store.query(
             record_filter(request), request.page_size, request.page_token
         )
@@ -94,6 +104,7 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
     async def WatchFlags(
         self, request: pb.WatchFlagsRequest, context: Context
     ) -> AsyncIterator[pb.FlagEvent]:
+        self._require(context, request.tenant)
         events = watch(self._hub, self._store, watch_filter(request), tail_store=self._tail_store)
 
         def rpc_done(_ctx: object) -> None:
@@ -114,5 +125,7 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
         return fingerprint_protos(self._scorers, request.model)
 
     async def Trace(self, request: pb.TraceRequest, context: Context) -> pb.TraceResult:
+        if request.WhichOneof("source") == "request_id":  # a stored request: its tenant's data
+            self._require(context, request.tenant)
         outcome = await self._tracer.trace(trace_call(request), context.time_remaining())
         return trace_result(outcome)

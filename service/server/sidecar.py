@@ -40,7 +40,7 @@ from residue_monitor.service.exporter import (
     start_metrics_server,
 )
 from residue_monitor.service.server.assembler import AssemblerLimits
-from residue_monitor.service.server.auth import BearerTokenInterceptor
+from residue_monitor.service.server.auth import BearerTokenInterceptor, TenantTokens
 from residue_monitor.service.server.config import ServerConfig
 from residue_monitor.service.server.errors import ErrorInterceptor
 from residue_monitor.service.server.flags import FlagHub
@@ -134,8 +134,9 @@ class Sidecar:
             self._store, self.scorers, self.stats, self.hub, limits, AssemblerLimits.from_config(cfg)
         )
         interceptors: list[aio.ServerInterceptor] = [ErrorInterceptor()]  # outermost: sees every error
+        tenants = TenantTokens.load(cfg.tenant_tokens_path, cfg.token) if cfg.tenant_tokens_path else None
         if cfg.token:
-            interceptors.append(BearerTokenInterceptor(cfg.token))
+            interceptors.append(BearerTokenInterceptor(cfg.token, tenants))
         server = aio.server(
             interceptors=interceptors,
             options=[
@@ -147,7 +148,7 @@ class Sidecar:
         )
         self.tracer = TraceService(cfg, self._store, self.stats)
         servicer = ResidueServicer(
-            self.pipeline, self._store, self.scorers, self.hub, self._draining, self.tracer
+            self.pipeline, self._store, self.scorers, self.hub, self._draining, self.tracer, tenants
         )
         pb_grpc.add_ResidueServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

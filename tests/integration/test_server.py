@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import math
 import random
 import re
@@ -105,8 +106,14 @@ async def make_sidecar(clt: CrossLayerTranscoder) -> AsyncIterator[MakeSidecar]:
     started: list[Sidecar] = []
 
     async def make(store: Store | None = None, with_clt: bool = True, **overrides: Any) -> Sidecar:
-        settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": -1, "drain_delay_s": 0.0,
-                                    "grace_s": 1.0, **overrides}  # fmt: skip
+        settings: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_port": -1,
+            "drain_delay_s": 0.0,
+            "grace_s": 1.0,
+            **overrides,
+        }
         sidecar = Sidecar(
             ServerConfig(**settings), store=store or MemoryStore(), clt=clt if with_clt else None
         )
@@ -533,6 +540,80 @@ async def test_bearer_token(make_sidecar: MakeSidecar, requests: list[Messages])
         assert ok.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def for_tenant(msgs: Messages, tenant: str, rid: str) -> Messages:
+    """A copy of a request's messages under another id, its RequestStart in ``tenant``."""
+    out = renamed(msgs, rid)
+    for m in out:
+        if m.WhichOneof("kind") == "start":
+            m.start.tenant = tenant
+    return out
+
+
+async def test_tenant_tokens_read_only_their_tenants(
+    make_sidecar: MakeSidecar, requests: list[Messages], tmp_path: Path
+) -> None:
+    """RESIDUE_TENANT_TOKENS: a tenant token reads its tenants' records, queries, flags and replays, and
+    gets PERMISSION_DENIED for any other tenant, whether or not the request id exists there (no existence
+    oracle); it cannot ingest; RESIDUE_TOKEN reaches every tenant; unknown tokens stay UNAUTHENTICATED."""
+    tokens = tmp_path / "tenants.json"
+    tokens.write_text(
+        json.dumps(
+            {
+                "tokens": [
+                    {"token": "acme-reader", "tenants": ["acme"]},
+                    {"token": "both-reader", "tenants": ["acme", ""]},
+                ]
+            }
+        )
+    )
+    sidecar = await make_sidecar(token="op3rator", tenant_tokens_path=str(tokens))
+    op, acme, both = ((("authorization", f"Bearer {t}"),) for t in ("op3rator", "acme-reader", "both-reader"))
+    async with channel(sidecar) as ch:
+        stub = pb_grpc.ResidueServiceStub(ch)
+        await ingest(
+            stub,
+            for_tenant(requests[0], "acme", "shared-id")
+            + for_tenant(requests[1], "zeta", "z-1")
+            + for_tenant(requests[2], "", "default-1"),
+            metadata=op,
+        )
+        rec = await stub.GetResidue(
+            pb.GetResidueRequest(request_id="shared-id", tenant="acme"), metadata=acme
+        )
+        assert rec.complete and rec.tenant == "acme"
+        page = await stub.QueryResidues(pb.QueryResiduesRequest(tenant="acme"), metadata=acme)
+        assert [r.request_id for r in page.records] == ["shared-id"]
+        for tenant, rid in (("zeta", "z-1"), ("zeta", "no-such-id"), ("", "default-1")):
+            err = await rpc_error(
+                stub.GetResidue(pb.GetResidueRequest(request_id=rid, tenant=tenant), metadata=acme)
+            )
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "acme" in (err.details() or "")
+        for call in (
+            stub.QueryResidues(pb.QueryResiduesRequest(tenant="zeta"), metadata=acme),
+            stub.Trace(
+                pb.TraceRequest(request_id="z-1", tenant="zeta", target=pb.TARGET_KIND_EOS), metadata=acme
+            ),
+        ):
+            assert (await rpc_error(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+        watch = stub.WatchFlags(pb.WatchFlagsRequest(tenant="zeta"), metadata=acme)
+        assert (await rpc_error(watch.read())).code() == grpc.StatusCode.PERMISSION_DENIED
+        # The two-tenant token reads the default tenant too; the operator token reads everything.
+        assert (await stub.GetResidue(pb.GetResidueRequest(request_id="default-1"), metadata=both)).complete
+        assert (
+            await stub.GetResidue(pb.GetResidueRequest(request_id="z-1", tenant="zeta"), metadata=op)
+        ).complete
+        # Tenant tokens cannot write: not even into their own tenant.
+        err = await rpc_error(ingest(stub, for_tenant(requests[3], "acme", "a-2"), metadata=acme))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "read-only" in (err.details() or "")
+        err = await rpc_error(
+            stub.GetResidue(
+                pb.GetResidueRequest(request_id="shared-id", tenant="acme"),
+                metadata=(("authorization", "Bearer acme-readerX"),),
+            )
+        )
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_health_port_serves_probes_without_token_and_nothing_else(make_sidecar: MakeSidecar) -> None:
     """RESIDUE_HEALTH_PORT: plaintext grpc.health.v1 without a token (what kubelet's probe can speak),
     following the drain like the main port; the residue API is not served there."""
@@ -629,8 +710,18 @@ def _cli_serve_round_trip(tmp_path: Path) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    cmd = [sys.executable, "-c", "from residue_monitor.service.cli import app; app()", "serve",
-           "--host", "127.0.0.1", "--port", str(ports[0]), "--metrics-port", str(ports[1])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "from residue_monitor.service.cli import app; app()",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ports[0]),
+        "--metrics-port",
+        str(ports[1]),
+    ]
     env = {
         "PATH": "/usr/bin:/bin",
         "RESIDUE_DRAIN_DELAY_S": "0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,27 @@ def test_trace_settings(tmp_path: Path) -> None:
     assert ServerConfig.from_env({"RESIDUE_TRACE_MODEL": "tiny"}).trace_enabled
     (tmp_path / "config.json").write_text("{}")
     assert ServerConfig.from_env({"RESIDUE_TRACE_MODEL": str(tmp_path)}).trace_model == str(tmp_path)
+
+
+def test_tenant_tokens_file_is_checked(tmp_path: Path) -> None:
+    """A tenant-token file with a bad tenant name, a reused token, RESIDUE_TOKEN itself or bad JSON is
+    refused at start (InvalidInput naming the file and entry); so is a tenant-token file without a
+    RESIDUE_TOKEN."""
+    from residue_monitor.service.server.auth import TenantTokens
+
+    p = tmp_path / "t.json"
+    for doc, why in (
+        ({"tokens": [{"token": "a", "tenants": ["bad}name"]}]}, "invalid"),
+        ({"tokens": [{"token": "a", "tenants": ["x"]}, {"token": "a", "tenants": ["y"]}]}, "unique"),
+        ({"tokens": [{"token": "main", "tenants": ["x"]}]}, "unique"),
+        ({"tokens": [{"token": "a b", "tenants": ["x"]}]}, "whitespace"),
+        ({"tokens": [{"token": "a", "tenants": []}]}, "non-empty list"),
+    ):
+        p.write_text(json.dumps(doc))
+        with pytest.raises(InvalidInput, match=why):
+            TenantTokens.load(p, "main")
+    p.write_text("{not json")
+    with pytest.raises(InvalidInput, match="RESIDUE_TENANT_TOKENS"):
+        TenantTokens.load(p, "main")
+    with pytest.raises(InvalidInput, match="needs RESIDUE_TOKEN"):
+        ServerConfig(tenant_tokens_path=str(p))
