@@ -54,6 +54,9 @@ from residue_monitor.service.store.factory import store_from_config
 
 logger = logging.getLogger(__name__)
 
+MIN_PING_INTERVAL_MS = 10_000
+"""Shortest interval between client keepalive pings the sidecar accepts (the plugin pings every 30 s)."""
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ResidueService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -140,6 +143,11 @@ class Sidecar:
         server = aio.server(
             interceptors=interceptors,
             options=[
+                # The plugin pings its idle Ingest stream every 30 s (service/plugin/sender.py). gRPC servers
+                # accept one ping per 5 minutes without data by default and answer more with GOAWAY
+                # "too_many_pings": seen in benchmarks/faults.py, the plugin's stream broke and reconnected.
+                ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+                ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 # Sends are the sidecar's own answers: only Trace's graph JSON outgrows the receive limit.
                 ("grpc.max_send_message_length", max(cfg.max_message_bytes, cfg.trace_max_response_bytes)),
