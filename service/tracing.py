@@ -13,7 +13,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from residue_monitor.detectors.attribution.draw import draw_graph
 from residue_monitor.detectors.attribution.export import save_raw, to_json, write_json
@@ -194,13 +193,6 @@ def worker_init(model_ref: str, clt_path: str) -> None:
         _INIT_ERROR = str(e)
     except Exception as e:
         _INIT_ERROR = f"{type(e).__name__}: {e}"
-
-
-def worker_info() -> dict[str, Any]:
-    """(model name, CLT id, EOS ids) of the loaded tracer, or the load error."""
-    if _TRACER is None:
-        return {"error": _INIT_ERROR or "the trace worker has no model"}
-    return {"model": _TRACER.model_name, "clt_id": _TRACER.clt_id, "eos": _TRACER.eos}
 
 
 @dataclass(frozen=True)
