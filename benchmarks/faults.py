@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             _fault(
                 stack,
                 "sidecar_killed_and_restarted",
-                lambda: (stack.sidecar.kill(), time.sleep(2.0), stack.sidecar.start()),
+                lambda: (stack.sidecar.kill(), time.sleep(2.0), stack.sidecar.start(timeout_s=600)),
                 args.fault_seconds,
                 drops_by_design=True,
             ),
