@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from residue_monitor.detectors.attribution.draw import draw_graph
-from residue_monitor.detectors.attribution.export import save_raw, to_json, write_json
+from residue_monitor.detectors.attribution.export import format_node_id, save_raw, to_json, write_json
 from residue_monitor.detectors.attribution.graph import (
     AttributionGraph,
     GraphConfig,
@@ -124,6 +124,7 @@ class Tracer:
             decode=self.decode,
             progress=progress,
             deadline=deadline,
+            clt_id=self.clt_id,
         )
         return g, prune(g.adjacency, g.layout, g.weights, job.cfg.node_threshold, job.cfg.edge_threshold)
 
@@ -233,13 +234,10 @@ def worker_describe() -> WorkerInfo:
 def node_id(n: NodeInfo) -> str:
     """circuit-tracer's id of a feature, error or logit node, as ``export.node_ids`` writes it into the
     JSON (a token node's id needs its token id, which ``NodeInfo`` does not carry)."""
-    if n.kind == "feature":
-        return f"{n.layer}_{n.feature}_{n.pos}"
-    if n.kind == "error":
-        return f"{n.layer}_-1_{n.pos}"
-    if n.kind == "logit":  # NodeInfo.layer is L for logits; the JSON puts them at L + 1
-        return f"{n.layer + 1}_{n.feature}_{n.pos}"
-    raise InvalidInput(f"node_id covers feature, error and logit nodes, got a {n.kind!r} node")
+    if n.kind not in ("feature", "error", "logit"):
+        raise InvalidInput(f"node_id covers feature, error and logit nodes, got a {n.kind!r} node")
+    # NodeInfo.layer is L for logits; the JSON puts them at L + 1.
+    return format_node_id(n.kind, n.layer + (n.kind == "logit"), n.pos, n.feature)
 
 
 def worker_run(job: TraceJob) -> TraceOutcome:

@@ -30,15 +30,29 @@ def _cantor(x: int, y: int) -> int:
     return (x + y) * (x + y + 1) // 2 + y
 
 
+def format_node_id(kind: str, layer: int, pos: int, index: int = -1) -> str:
+    """circuit-tracer's id of one node: ``index`` is the feature id, the token id (``embedding``) or the
+    vocab index (``logit``, whose ``layer`` is the JSON's ``L + 1``); error nodes have none."""
+    if kind == "feature":
+        return f"{layer}_{index}_{pos}"
+    if kind == "error":
+        return f"{layer}_-1_{pos}"
+    if kind == "token":
+        return f"E_{index}_{pos}"
+    if kind == "logit":
+        return f"{layer}_{index}_{pos}"
+    raise InvalidInput(f"unknown node kind {kind!r}")
+
+
 def node_ids(g: AttributionGraph) -> list[str]:
     """circuit-tracer's node id of every adjacency node, in adjacency order."""
     ids: list[str] = []
     for a in g.selected.tolist():
         l, p, f = (int(v) for v in g.active_features[a])
-        ids.append(f"{l}_{f}_{p}")
-    ids += [f"{l}_-1_{p}" for l in range(g.n_layers) for p in range(g.n_pos)]
-    ids += [f"E_{t}_{p}" for p, t in enumerate(g.input_ids)]
-    ids += [f"{g.n_layers + 1}_{t.vocab_idx}_{g.n_pos - 1}" for t in g.targets]
+        ids.append(format_node_id("feature", l, p, f))
+    ids += [format_node_id("error", l, p) for l in range(g.n_layers) for p in range(g.n_pos)]
+    ids += [format_node_id("token", -1, p, t) for p, t in enumerate(g.input_ids)]
+    ids += [format_node_id("logit", g.n_layers + 1, g.n_pos - 1, t.vocab_idx) for t in g.targets]
     return ids
 
 
