@@ -53,6 +53,9 @@ class RequestAnalysis:
     signature: ResidueSignature
     detectors: dict[str, DetectorResult]
     baselines: Baselines
+    raw_mlp_in: torch.Tensor | None = None
+    """(len(raw_layers), D) raw MLP inputs at the last prompt token, when ``raw_layers`` asked for them: the
+    input of the raw-activation probe that residue is compared against (evaluation only)."""
 
 
 def prompt_ids(tok: Any, prompt: str, chat: bool = True) -> list[int]:
@@ -108,8 +111,10 @@ def analyze_ids(
     ids: Sequence[int],
     gen: GenerationConfig | None = None,
     meta: dict[str, Any] | None = None,
+    raw_layers: Sequence[int] = (),
 ) -> RequestAnalysis:
-    """Generate from prompt token ids and read the request's residue."""
+    """Generate from prompt token ids and read the request's residue (``raw_layers``: also keep the raw
+    MLP inputs of these layers at the last prompt token)."""
     gen = gen or GenerationConfig()
     if not ids:
         raise InvalidInput("the prompt has no tokens")
@@ -133,6 +138,7 @@ def analyze_ids(
         signature=sig,
         detectors=run_detectors(sig),
         baselines=compute_baselines(step_logits, 1, out),  # row j of step_logits chose token j
+        raw_mlp_in=acts.mlp_in[list(raw_layers), 0].clone() if raw_layers else None,  # row 0: prompt_last
     )
 
 
