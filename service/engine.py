@@ -152,7 +152,7 @@ RESULT_KEYS = frozenset(
 def read_prompts(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """JSONL objects with at least ``id`` and ``prompt``; a bad line raises InvalidInput with its number."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text().split("\n")  # not splitlines(): U+2028 & co. are legal inside JSON strings
     except OSError as e:
         raise InvalidInput(f"{path}: cannot read ({e.strerror})") from e
     for n, line in enumerate(lines, 1):

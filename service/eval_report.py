@@ -34,7 +34,7 @@ from residue_monitor.service.eval_scoring import (
     predictors,
     summary_keys,
 )
-from residue_monitor.service.evaluation import load_runs
+from residue_monitor.service.evaluation import load_runs, merge_runs
 from residue_monitor.service.training import machine_info
 from residue_monitor.shells.fingerprint import Fingerprint, load_fingerprints, save_fingerprints
 
@@ -80,16 +80,17 @@ def draw_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], path: P
 
 
 def score_run(
-    run: Path,
+    run: Path | Sequence[Path],
     out: Path,
     shell_fingerprints: Path | None = None,
     cfg: ScoreConfig | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Score the run folder ``run``; write the results into ``out``; return the eval.json document."""
+    """Score the run folder ``run`` (or several shards of one run); write the results into ``out``; return
+    the eval.json document."""
     cfg = cfg or ScoreConfig()
     say = progress or (lambda _msg: None)
-    runs = load_runs(run)
+    runs = load_runs(run) if isinstance(run, Path) else merge_runs([load_runs(r) for r in run])
     conf = runs.config
     n_features = int(conf["n_features"])
     shell_fps: list[Fingerprint] = []
@@ -208,7 +209,7 @@ METHOD = """\
   removes what differences in task base rates add to a pooled AUROC; *length-stratified* AUROC (mean
   within output-length quartiles) shows how much of a score is output length in disguise.
 - No input column is computed from the answer or the output text (label leakage); CLT features enter
-  the probes by activity alone (active in ≥ 1 % of runs), never by their labels.
+  the probes by activity alone (active in ≥ 5 % of runs), never by their labels.
 - Headline residue predictor, fixed before any result was seen: `{headline}`.
 """
 

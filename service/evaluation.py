@@ -62,6 +62,18 @@ class EvalConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens, decode_every=self.decode_every, chat=chat)
 
 
+def interleave_tasks(items: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Items in round-robin task order (each task's own order kept), so that a run stopped early (its
+    finished chunks are scored as they are) still covers every task in proportion."""
+    by_task: dict[str, list[Mapping[str, Any]]] = {}
+    for it in items:
+        by_task.setdefault(str(it["task"]), []).append(it)
+    # Item j of a task with n items sits at fraction (j + ½) / n of the run: short tasks are spread evenly.
+    keyed = [((j + 0.5) / len(its), t, j, it) for t, its in by_task.items() for j, it in enumerate(its)]
+    keyed.sort(key=lambda k: (k[0], k[1], k[2]))
+    return [k[3] for k in keyed]
+
+
 def failure_class(task: str, result: str) -> str | None:
     """The failure class of a run (None when it succeeded)."""
     if result == "right":
@@ -243,4 +255,25 @@ def load_runs(out: Path) -> Runs:
         sigs=[sigs[x["id"]] for x in lines],
         raw=np.stack([raw[x["id"]] for x in lines]),
         config=config,
+    )
+
+
+def merge_runs(parts: Sequence[Runs]) -> Runs:
+    """Shards of one evaluation (``residue eval --shard K/N``) as one run; they must share model, CLT,
+    transcoder size and generation settings."""
+    if not parts:
+        raise InvalidInput("no run folders to merge")
+    keys = ("model", "clt_id", "n_features", "config")
+    first = {k: parts[0].config.get(k) for k in keys}
+    for p in parts[1:]:
+        if {k: p.config.get(k) for k in keys} != first:
+            raise ArtifactMismatch("run shards differ in model, CLT or generation settings")
+    lines = [x for p in parts for x in p.lines]
+    if len({x["id"] for x in lines}) != len(lines):
+        raise InvalidInput("run shards overlap: an item id occurs in more than one")
+    return Runs(
+        lines=lines,
+        sigs=[s for p in parts for s in p.sigs],
+        raw=np.concatenate([p.raw for p in parts]),
+        config=parts[0].config | {"items": [x["id"] for x in lines]},
     )
