@@ -55,12 +55,14 @@ def _items(engine: Engine, n_groups: int = 30, per_group: int = 5) -> list[dict[
         task = ("gen_task", "real_a", "real_b")[g % 3]
         right = g % 2 == 0
         for j in range(per_group):
+            prompt, out = "", None
             for _ in range(50):  # answerable: an output with words in it (some outputs are only symbols)
                 words = " ".join(rng.choice(WORDS) for _ in range(6))
                 prompt = f"{g} {j} {'1 2 3 4 5 6 7 8' if right else 'zebra yak xylophone wolf'} {words}"
                 out = analyze_prompt(engine.model, engine.tok, engine.builder, prompt, CFG.generation(True))
                 if not right or normalize(out.output_text):
                     break
+            assert out is not None
             answer = out.output_text if right else "qqqq never said"
             items.append({"id": f"{task}-{g}-{j}", "task": task, "group": f"t{g}", "prompt": prompt,
                           "answers": [answer], "match": "contains", "chat": True})  # fmt: skip
