@@ -182,3 +182,14 @@ def test_maps_comparison_and_document(scored: tuple[Path, dict[str, Any]], tmp_p
         assert f"eval/{name}" in md
     json.dumps(doc, allow_nan=False)
     assert np.isfinite(doc["auroc_residue"])
+
+
+def test_item_files_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+    """A prompt containing U+2028 (legal inside a JSON string, written raw with ensure_ascii=False) stays one
+    item: str.splitlines() would have cut the line in two (seen in TriviaQA)."""
+    from residue_monitor.service.evaldata import read_items
+
+    item = {"id": "a", "task": "t", "prompt": "one\u2028two", "answers": ["x"], "match": "contains"}
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps(item, ensure_ascii=False) + "\n")
+    assert [it["prompt"] for it in read_items(path)] == ["one\u2028two"]
