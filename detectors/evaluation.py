@@ -332,12 +332,19 @@ def cross_val(
     A = np.asarray(X, dtype=np.float64)
     if A.ndim != 2 or A.shape[0] != y.shape[0]:
         raise InvalidInput(f"X must be (n, d) with n = {y.shape[0]}, got {A.shape}")
-    fold = group_folds(groups, y, folds, seed)
+    return _held_out(A, y, group_folds(groups, y, folds, seed), groups, grid, seed)
+
+
+def _held_out(
+    A: F64, y: F64, part: npt.NDArray[Any], groups: Sequence[str], grid: Sequence[float], seed: int
+) -> tuple[F64, list[float]]:
+    """Scores (n,) where the runs of each distinct ``part`` value are scored by a probe trained on all
+    the other runs (ridge strength picked on those), plus the ridge strength each probe used."""
     g = np.asarray(groups)
     out = np.empty(y.size)
     chosen: list[float] = []
-    for k in range(folds):
-        te = fold == k
+    for value in np.unique(part):
+        te = part == value
         tr = ~te
         l2 = _pick_l2(A[tr], y[tr], list(g[tr]), grid, seed)
         chosen.append(l2)
@@ -354,13 +361,4 @@ def leave_one_task_out(
     seed: int = 0,
 ) -> F64:
     """Scores (n,) where each task's runs are scored by a probe trained on every other task."""
-    A = np.asarray(X, dtype=np.float64)
-    task = np.asarray(tasks)
-    g = np.asarray(groups)
-    out = np.empty(y.size)
-    for name in sorted(set(tasks)):
-        te = task == name
-        tr = ~te
-        l2 = _pick_l2(A[tr], y[tr], list(g[tr]), grid, seed)
-        out[te] = train_probe(A[tr], y[tr], l2).predict(A[te])
-    return out
+    return _held_out(np.asarray(X, dtype=np.float64), y, np.asarray(tasks), groups, grid, seed)[0]

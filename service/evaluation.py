@@ -215,15 +215,16 @@ def _run_one(
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
+    texts = path.read_text().split("\n")  # not splitlines(): outputs may hold U+2028 & co.
     out = []
-    for n, text in enumerate(path.read_text().splitlines(), 1):
+    for n, text in enumerate(texts, 1):
         if not text.strip():
             continue
         try:
             out.append(json.loads(text))
         except json.JSONDecodeError as e:
             # A line cut by a crash can only be the last one; anything else is corruption.
-            if n == len(path.read_text().splitlines()):
+            if not any(t.strip() for t in texts[n:]):
                 break
             raise InvalidInput(f"{path}:{n}: not JSON ({e.msg})") from e
     return out

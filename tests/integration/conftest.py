@@ -22,7 +22,10 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from residue_monitor.detectors.clt.model import CLTConfig, CrossLayerTranscoder, random_clt
+from residue_monitor.service.engine import Engine, load_engine
+from residue_monitor.service.models import PreparedModel
 from residue_monitor.service.store import MemoryStore, RedisStore, Store
+from tests.integration.residue_data import save_tiny_transcoder
 
 REDIS_PASSWORD = "residue-test-pw"
 MakeStore = Callable[..., Store]
@@ -176,3 +179,15 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     if made.returncode != 0:
         pytest.skip(f"openssl could not make a test certificate: {made.stderr.decode()[:200]}")
     return key, cert
+
+
+@pytest.fixture(scope="module")
+def engine(
+    tiny_home: Path, tiny_model: PreparedModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    """The tiny model + the random TopK transcoder saved to disk, loaded as the CLI loads them."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESIDUE_HOME", str(tiny_home))
+        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("mplconfig")))
+        clt_dir, _ = save_tiny_transcoder(tmp_path_factory.mktemp("clt") / "tiny-topk")
+        yield load_engine("tiny", clt_dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,7 @@ import pytest
 from residue_monitor.detectors.exceptions import ArtifactMismatch, InvalidInput, NotFound
 from residue_monitor.detectors.request import GenerationConfig
 from residue_monitor.detectors.signature import ResidueSignature, load_signatures
-from residue_monitor.service.engine import Engine, draw_maps, load_engine, run_shells
-from residue_monitor.service.models import PreparedModel
+from residue_monitor.service.engine import Engine, draw_maps, run_shells
 from residue_monitor.shells.catalog import CONTROLS_ID, ShellInstance, load_controls, load_shells
 from residue_monitor.shells.fingerprint import (
     FORMAT_VERSION,
@@ -33,7 +31,7 @@ from residue_monitor.shells.fingerprint import (
     load_fingerprints,
     rates,
 )
-from tests.integration.residue_data import N_FEATURES, family, save_tiny_transcoder
+from tests.integration.residue_data import N_FEATURES, family
 
 GEN = GenerationConfig(max_new_tokens=4, decode_every=2)
 LIMIT = 6
@@ -49,18 +47,6 @@ class ShellRun:
     """The instances the run kept, by shell id (the first LIMIT of each)."""
     controls: list[ShellInstance]
     """The controls it kept (the first 6·LIMIT)."""
-
-
-@pytest.fixture(scope="module")
-def engine(
-    tiny_home: Path, tiny_model: PreparedModel, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Engine]:
-    """The tiny model + the random TopK transcoder saved to disk, loaded as the CLI loads them."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RESIDUE_HOME", str(tiny_home))
-        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("mplconfig")))
-        clt_dir, _ = save_tiny_transcoder(tmp_path_factory.mktemp("clt") / "tiny-topk")
-        yield load_engine("tiny", clt_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +20,17 @@ import pytest
 from residue_monitor.detectors.exceptions import ArtifactMismatch
 from residue_monitor.detectors.request import analyze_prompt
 from residue_monitor.service import evaluation
-from residue_monitor.service.engine import Engine, load_engine
+from residue_monitor.service.engine import Engine
 from residue_monitor.service.eval_report import score_run, write_markdown
 from residue_monitor.service.eval_scoring import HEADLINE, ScoreConfig
 from residue_monitor.service.evaluation import EvalConfig, generate_runs, load_runs
-from residue_monitor.service.models import PreparedModel
 from residue_monitor.service.server.config import ServerConfig
 from residue_monitor.service.server.scoring import default_scorers
 from residue_monitor.shells.fingerprint import load_fingerprints
 from residue_monitor.shells.match import normalize
-from tests.integration.residue_data import save_tiny_transcoder
 
 CFG = EvalConfig(max_new_tokens=4, decode_every=2, raw_layers=(0, 1))
 WORDS = ["river", "stone", "cloud", "apple", "lamp", "tiger", "maple", "ocean", "violin", "copper"]
-
-
-@pytest.fixture(scope="module")
-def engine(
-    tiny_home: Path, tiny_model: PreparedModel, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Engine]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RESIDUE_HOME", str(tiny_home))
-        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("mplconfig")))
-        clt_dir, _ = save_tiny_transcoder(tmp_path_factory.mktemp("clt") / "tiny-topk")
-        yield load_engine("tiny", clt_dir)
 
 
 def _items(engine: Engine, n_groups: int = 30, per_group: int = 5) -> list[dict[str, Any]]:
