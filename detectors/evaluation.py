@@ -223,20 +223,20 @@ def fit_logistic(Z: F64, y: F64, l2: float, balance: bool = True) -> tuple[F64, 
     Loss: (1/n) Σ w_i log(1 + exp(−(2y−1) z_i)) + (l2 / 2n) ‖w‖², bias unpenalised; with ``balance`` each
     class carries half of the loss. Convex; solved with L-BFGS on the exact gradient.
     """
-    n, d = Z.shape
+    n, d = int(Z.shape[0]), int(Z.shape[1])
     if n == 0:
         raise InvalidInput("cannot fit a probe on zero runs")
     t = np.asarray(y, dtype=np.float64)
     pos = max(float(t.sum()), 1.0)
     neg = max(n - float(t.sum()), 1.0)
-    sw = np.where(t > 0, n / (2 * pos), n / (2 * neg)) if balance else np.ones(n)
+    sw: F64 = np.where(t > 0, n / (2 * pos), n / (2 * neg)) if balance else np.ones(n)
     sign = 2 * t - 1
 
     def loss(theta: F64) -> tuple[float, F64]:
         w, b = theta[:d], theta[d]
         m = sign * (Z @ w + b)  # margins
         lo = np.logaddexp(0.0, -m)
-        g_m = -sw * sign / (1 + np.exp(np.clip(m, -500, 500)))  # d loss_i / d z_i = −σ(−m)·sign
+        g_m: F64 = -sw * sign / (1 + np.exp(np.clip(m, -500, 500)))  # d loss_i / d z_i = −σ(−m)·sign
         f = float(sw @ lo) / n + 0.5 * l2 * float(w @ w) / n
         g = np.empty(d + 1)
         g[:d] = (Z.T @ g_m) / n + l2 * w / n
