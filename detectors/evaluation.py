@@ -217,11 +217,14 @@ def standardise(X: F64) -> tuple[F64, F64]:
     return mean, scale
 
 
-def fit_logistic(Z: F64, y: F64, l2: float, balance: bool = True) -> tuple[F64, float]:
+def fit_logistic(
+    Z: F64, y: F64, l2: float, balance: bool = True, weights: F64 | None = None
+) -> tuple[F64, float]:
     """Weights and bias of an L2-regularised logistic regression on standardised inputs Z (n, d).
 
     Loss: (1/n) Σ w_i log(1 + exp(−(2y−1) z_i)) + (l2 / 2n) ‖w‖², bias unpenalised; with ``balance`` each
-    class carries half of the loss. Convex; solved with L-BFGS on the exact gradient.
+    class carries half of the loss; ``weights`` (n,), when given, replace that balancing (e.g.
+    ``stratum_weights``). Convex; solved with L-BFGS on the exact gradient.
     """
     n, d = int(Z.shape[0]), int(Z.shape[1])
     if n == 0:
@@ -230,6 +233,10 @@ def fit_logistic(Z: F64, y: F64, l2: float, balance: bool = True) -> tuple[F64, 
     pos = max(float(t.sum()), 1.0)
     neg = max(n - float(t.sum()), 1.0)
     sw: F64 = np.where(t > 0, n / (2 * pos), n / (2 * neg)) if balance else np.ones(n)
+    if weights is not None:
+        sw = np.asarray(weights, dtype=np.float64)
+        if sw.shape != (n,) or not (np.isfinite(sw).all() and (sw >= 0).all()):
+            raise InvalidInput(f"weights must be (n,) = ({n},), finite and >= 0")
     sign = 2 * t - 1
 
     def loss(theta: F64) -> tuple[float, F64]:
@@ -250,11 +257,35 @@ def fit_logistic(Z: F64, y: F64, l2: float, balance: bool = True) -> tuple[F64, 
     return theta[:d], float(theta[d])
 
 
-def train_probe(X: F64, y: F64, l2: float) -> LogisticModel:
-    """Standardise X on these rows and fit (NaN → the column mean)."""
+def stratum_weights(y: F64, strata: Sequence[str]) -> F64:
+    """Sample weights (n,) that give every (stratum, class) cell the same total weight, n / (2 · strata).
+
+    With tasks as strata, a probe gains nothing by recognising the task: inside each task failures and
+    successes weigh the same, so base-rate differences between tasks stop paying, and what the probe
+    learns has to separate failures from successes *within* tasks (the part that transfers to a task it
+    never saw). A task with one class only gives that class its task's full share.
+    """
+    t = np.asarray(y, dtype=np.float64) > 0
+    s = np.asarray(strata)
+    if s.shape != t.shape:
+        raise InvalidInput(f"strata must have one entry per run ({t.size}), got {s.size}")
+    names, inv = np.unique(s, return_inverse=True)
+    cell = inv * 2 + t  # (n,) cell index: stratum, class
+    count = np.bincount(cell, minlength=2 * names.size).astype(np.float64)
+    per_stratum = count.reshape(-1, 2)
+    classes = (per_stratum > 0).sum(axis=1)  # 1 or 2 per stratum
+    share = t.size / names.size / classes  # (S,) weight of each present cell
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = share[inv] / count[cell]
+    return w
+
+
+def train_probe(X: F64, y: F64, l2: float, strata: Sequence[str] | None = None) -> LogisticModel:
+    """A standardised L2 logistic probe on X (n, d); ``strata`` given: weighted by ``stratum_weights``
+    (else the two classes are balanced over all runs)."""
     mean, scale = standardise(X)
     Z = np.nan_to_num((X - mean) / scale)
-    w, b = fit_logistic(Z, y, l2)
+    w, b = fit_logistic(Z, y, l2, weights=None if strata is None else stratum_weights(y, strata))
     return LogisticModel(mean, scale, w, b, l2)
 
 
@@ -285,14 +316,18 @@ def group_folds(groups: Sequence[str], y: F64, folds: int, seed: int = 0) -> I64
     return fold_of[inv]
 
 
-def _pick_l2(X: F64, y: F64, groups: Sequence[str], grid: Sequence[float], seed: int) -> float:
-    """The ridge strength with the best inner grouped 3-fold AUROC on these (training) rows."""
+def _pick_l2(
+    X: F64, y: F64, groups: Sequence[str], grid: Sequence[float], seed: int, strata: Sequence[str] | None
+) -> float:
+    """The ridge strength with the best inner grouped 3-fold AUROC on these (training) rows (with
+    ``strata``: the mean AUROC within strata, the quantity a stratum-weighted probe is trained for)."""
     if len(grid) == 1:
         return grid[0]
     try:
         inner = group_folds(groups, y, 3, seed + 1)
     except InvalidInput:
         return grid[len(grid) // 2]
+    st = None if strata is None else np.asarray(strata)
     best, best_l2 = -math.inf, grid[len(grid) // 2]
     for l2 in grid:
         oof = np.empty(y.size)
@@ -300,8 +335,8 @@ def _pick_l2(X: F64, y: F64, groups: Sequence[str], grid: Sequence[float], seed:
             te = inner == k
             if te.all() or not te.any():
                 continue
-            oof[te] = train_probe(X[~te], y[~te], l2).predict(X[te])
-        a = auroc(oof, y)
+            oof[te] = train_probe(X[~te], y[~te], l2, None if st is None else list(st[~te])).predict(X[te])
+        a = auroc(oof, y) if st is None else within_task_auroc(oof, y, list(st), min_per_class=3)
         if math.isfinite(a) and a > best + 1e-9:
             best, best_l2 = a, l2
     return best_l2
@@ -314,10 +349,11 @@ def cross_val_scores(
     folds: int = 5,
     grid: Sequence[float] = L2_GRID,
     seed: int = 0,
+    strata: Sequence[str] | None = None,
 ) -> F64:
     """Out-of-fold failure probabilities (n,) from grouped ``folds``-fold cross-validation; the ridge
-    strength is chosen inside each training fold."""
-    return cross_val(X, y, groups, folds, grid, seed)[0]
+    strength is chosen inside each training fold. ``strata``: train stratum-weighted (``train_probe``)."""
+    return cross_val(X, y, groups, folds, grid, seed, strata)[0]
 
 
 def cross_val(
@@ -327,28 +363,37 @@ def cross_val(
     folds: int = 5,
     grid: Sequence[float] = L2_GRID,
     seed: int = 0,
+    strata: Sequence[str] | None = None,
 ) -> tuple[F64, list[float]]:
     """``cross_val_scores`` plus the ridge strength each training fold chose."""
     A = np.asarray(X, dtype=np.float64)
     if A.ndim != 2 or A.shape[0] != y.shape[0]:
         raise InvalidInput(f"X must be (n, d) with n = {y.shape[0]}, got {A.shape}")
-    return _held_out(A, y, group_folds(groups, y, folds, seed), groups, grid, seed)
+    return _held_out(A, y, group_folds(groups, y, folds, seed), groups, grid, seed, strata)
 
 
 def _held_out(
-    A: F64, y: F64, part: npt.NDArray[Any], groups: Sequence[str], grid: Sequence[float], seed: int
+    A: F64,
+    y: F64,
+    part: npt.NDArray[Any],
+    groups: Sequence[str],
+    grid: Sequence[float],
+    seed: int,
+    strata: Sequence[str] | None = None,
 ) -> tuple[F64, list[float]]:
     """Scores (n,) where the runs of each distinct ``part`` value are scored by a probe trained on all
     the other runs (ridge strength picked on those), plus the ridge strength each probe used."""
     g = np.asarray(groups)
+    st = None if strata is None else np.asarray(strata)
     out = np.empty(y.size)
     chosen: list[float] = []
     for value in np.unique(part):
         te = part == value
         tr = ~te
-        l2 = _pick_l2(A[tr], y[tr], list(g[tr]), grid, seed)
+        s_tr = None if st is None else list(st[tr])
+        l2 = _pick_l2(A[tr], y[tr], list(g[tr]), grid, seed, s_tr)
         chosen.append(l2)
-        out[te] = train_probe(A[tr], y[tr], l2).predict(A[te])
+        out[te] = train_probe(A[tr], y[tr], l2, s_tr).predict(A[te])
     return out, chosen
 
 
@@ -359,6 +404,9 @@ def leave_one_task_out(
     groups: Sequence[str],
     grid: Sequence[float] = L2_GRID,
     seed: int = 0,
+    balance_tasks: bool = False,
 ) -> F64:
-    """Scores (n,) where each task's runs are scored by a probe trained on every other task."""
-    return _held_out(np.asarray(X, dtype=np.float64), y, np.asarray(tasks), groups, grid, seed)[0]
+    """Scores (n,) where each task's runs are scored by a probe trained on every other task
+    (``balance_tasks``: trained with the tasks as strata, ``stratum_weights``)."""
+    A = np.asarray(X, dtype=np.float64)
+    return _held_out(A, y, np.asarray(tasks), groups, grid, seed, tasks if balance_tasks else None)[0]

@@ -669,6 +669,13 @@ def eval_report(
         Path | None,
         typer.Option(help="markdown with the written reading of the results, placed after the headline"),
     ] = None,
+    forecast_summary: Annotated[
+        Path | None,
+        typer.Option(
+            help="also merge the prefill forecast's accuracy keys into this JSON "
+            "(benchmarks/results/prefill_forecast.json; latency keys: benchmarks/prefill_latency.py)"
+        ),
+    ] = None,
 ) -> None:
     """Regenerate the evaluation document (and its plots, copied beside it) from eval.json."""
     import shutil
@@ -692,7 +699,13 @@ def eval_report(
         keep["predictors"] = {k: {m: v[m] for m in cols} for k, v in d["predictors"].items()}
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps(keep, indent=1) + "\n")
-    console.print(f"wrote {doc}" + (f" and {summary}" if summary else ""), soft_wrap=True)
+    if forecast_summary is not None and d.get("prefill_forecast"):
+        from residue_monitor.service.training import merge_results
+
+        merge_results(forecast_summary, {**d["prefill_forecast"], "accuracy_machine": d["machine"],
+                                         "accuracy_date": d["date"]})  # fmt: skip
+    wrote = [str(x) for x in (summary, forecast_summary) if x is not None]
+    console.print(f"wrote {doc}" + "".join(f" and {w}" for w in wrote), soft_wrap=True)
 
 
 @app.command("trace")

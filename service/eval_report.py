@@ -22,14 +22,19 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from residue_monitor.detectors.forecast import save_forecast
 from residue_monitor.service.eval_scoring import (
+    FORECAST,
     HEADLINE,
+    POST_GENERATION,
     ScoreConfig,
     alignment,
     cross_run_comparison,
     draw_maps,
     evaluate_predictor,
     failure_fingerprints,
+    forecast_artifact,
+    forecast_keys,
     generalization,
     predictors,
     summary_keys,
@@ -41,6 +46,7 @@ from residue_monitor.shells.fingerprint import Fingerprint, load_fingerprints, s
 Progress = Callable[[str], None]
 ROC_PREDICTORS = (
     HEADLINE,
+    FORECAST,
     "residue.prefill",
     "internal.raw_probe",
     "output.logit_stats",
@@ -110,6 +116,10 @@ def score_run(
             curves[p.name] = (fpr, tpr, float(row["auroc"] or math.nan))
     out.mkdir(parents=True, exist_ok=True)
     plots = {"roc": str(draw_roc(curves, out / "eval-roc.png"))}
+    say("fitting the prefill forecast")
+    fkeys = forecast_keys(table, len(runs.lines), len(set(runs.tasks)))
+    forecast = forecast_artifact(runs, cfg, {k: v for k, v in fkeys.items() if not k.endswith("_ci")})
+    save_forecast(out / "prefill_forecast.json", forecast)
     say("fitting failure fingerprints")
     fail_fps, fp_table, fit = failure_fingerprints(runs, n_features, cfg)
     meta = {"model": conf["model"], "clt_id": conf["clt_id"], "source": "residue eval"}
@@ -143,6 +153,13 @@ def score_run(
         "predictors": table,
         "per_task": per_task,
         "failure_fingerprints": fp_table,
+        "prefill_forecast": {
+            **fkeys,
+            "artifact": "prefill_forecast.json",
+            "artifact_id": forecast.id,
+            "threshold": round(forecast.threshold, 6) if math.isfinite(forecast.threshold) else None,
+            "target_fpr": forecast.target_fpr,
+        },
         "shell_fingerprints": [fp.name for fp in shell_fps],
         "generalization": None
         if gen is None
@@ -281,6 +298,7 @@ def write_markdown(
                  *(_f(r["auroc"][s]) for s in show), _f(r["auroc_loto"][HEADLINE]))
         )  # fmt: skip
     lines += ["", "Per-task AUROC needs ≥ 10 runs of each outcome in the task (– otherwise).", ""]
+    lines += _forecast_section(doc)
     cal = p[HEADLINE]["calibration"]
     lines += [
         "## Calibrating the flag threshold",
@@ -372,3 +390,67 @@ def write_markdown(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
+
+
+FORECAST_COMPARED = (
+    FORECAST,
+    f"{FORECAST}_residue_only",
+    "output.first_token_entropy",
+    "output.first_token_max_prob",
+    *POST_GENERATION,
+)
+
+
+def _forecast_section(doc: Mapping[str, Any]) -> list[str]:
+    """The prefill forecast beside first-token entropy and the post-generation baselines (issue 13)."""
+    f = doc.get("prefill_forecast")
+    if f is None:
+        return []
+    p = doc["predictors"]
+    goals = [
+        ("AUROC ≥ first-token entropy + 0.05 (pooled)",
+         f"{_f(f['auroc_prefill_forecast'])} vs {_f(f['auroc_first_token_entropy'])} + 0.05",
+         (f["auroc_prefill_forecast"] or 0) >= (f["auroc_first_token_entropy"] or 0) + 0.05),
+        ("within-task AUROC above first-token entropy's",
+         f"{_f(f['auroc_within_task_prefill_forecast'])} vs {_f(f['auroc_within_task_first_token_entropy'])}",
+         (f["auroc_within_task_prefill_forecast"] or 0) > (f["auroc_within_task_first_token_entropy"] or 0)),
+        ("leave-one-task-out AUROC ≥ 0.70", _f(f["auroc_loto_prefill_forecast"]),
+         (f["auroc_loto_prefill_forecast"] or 0) >= 0.70),
+        ("within 0.03 of the best post-generation baseline",
+         f"{_f(f['auroc_prefill_forecast'])} vs {_f(f['auroc_best_post_generation'])} "
+         f"(`{f['best_post_generation_name']}`)",
+         (f["auroc_prefill_forecast"] or 0) >= (f["auroc_best_post_generation"] or 0) - 0.03),
+    ]  # fmt: skip
+    lines = [
+        "## Prefill forecast: failure risk before the first token",
+        "",
+        f"`{FORECAST}` is what the sidecar serves as `prefill_forecast` (artifact `{f['artifact_id']}`, "
+        f"threshold {_f(f['threshold'])} calibrated for {f['target_fpr']:.0%} FPR): a task-balanced, "
+        "Platt-calibrated logistic regression on the last prompt token's per-layer CLT error ratio, log "
+        "feature mass, L0, unreached share and four attention aggregates (8 per layer), plus the four "
+        f"first-token logit statistics; `{FORECAST}_residue_only` leaves those four out. First-token "
+        "entropy is the only output signal that exists at that moment; the post-generation baselines need "
+        "the whole answer. Same runs, same folds, same protocol as every predictor above.",
+        "",
+        *_header("goal", "measured", "met"),
+        *(_row(g, v, "yes" if ok else "**no**") for g, v, ok in goals),
+        "",
+        *_header("predictor", "AUROC [95 % CI]", "TPR@1%FPR [CI]", "within-task", "LOTO", "LOTO pooled"),
+    ]
+    for name in FORECAST_COMPARED:
+        if name not in p:
+            continue
+        r = p[name]
+        lines.append(
+            _row(f"`{name}`", f"{_f(r['auroc'])} {_ci(r['auroc_ci'])}",
+                 f"{_f(r['tpr_at_1pct_fpr'])} {_ci(r['tpr_at_1pct_fpr_ci'])}", _f(r["auroc_within_task"]),
+                 _f(r["auroc_loto"]), _f(r["auroc_loto_pooled"]))
+        )  # fmt: skip
+    lines += ["", "Per task (AUROC within the task; LOTO: the forecast trained without that task):", ""]
+    lines += _header("task", "runs", "failure rate", "forecast", "forecast LOTO", "first-token entropy")
+    for t, r in doc["per_task"].items():
+        lines.append(
+            _row(t, r["runs"], f"{r['failure_rate']:.1%}", _f(r["auroc"].get(FORECAST)),
+                 _f(r["auroc_loto"].get(FORECAST)), _f(r["auroc"].get("output.first_token_entropy")))
+        )  # fmt: skip
+    return [*lines, ""]

@@ -40,6 +40,13 @@ import numpy as np
 
 from residue_monitor.detectors import evaluation as ev
 from residue_monitor.detectors.compare import compare_runs
+from residue_monitor.detectors.forecast import (
+    ForecastConfig,
+    PrefillForecast,
+    fit_forecast,
+    prefill_row,
+    prefill_vector,
+)
 from residue_monitor.detectors.signature import ERROR_RATIO, ResidueSignature
 from residue_monitor.service.evaluation import FAILURE_CLASSES, Runs
 from residue_monitor.shells.fingerprint import (
@@ -60,6 +67,11 @@ from residue_monitor.shells.maps import (
 
 F64 = np.ndarray
 HEADLINE = "residue.signature"
+FORECAST = "forecast.prefill"
+"""The prefill forecast the sidecar ships (issue 13): residue + first-token logit statistics."""
+POST_GENERATION = ("output.mean_token_entropy", "output.min_max_prob", "output.mean_max_prob",
+                   "output.perplexity", "output.output_tokens", "output.logit_stats")  # fmt: skip
+"""Output-only baselines that need the whole generation (the forecast's 'best post-generation')."""
 BASELINE_COLUMNS = (
     "first_token_entropy",
     "first_token_max_prob",
@@ -97,6 +109,8 @@ class Predictor:
     X: F64
     """(n, d) inputs."""
     description: str
+    balance_tasks: bool = False
+    """Train task-balanced (``evaluation.stratum_weights``), as the prefill forecast is."""
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -170,6 +184,20 @@ def predictors(
             "per-layer CLT and attention statistics at the last prompt token (before the first token)",
         )
     )
+    rows = [prefill_row(s) for s in runs.sigs]
+    for name, logits, what in (
+        (FORECAST, True, "residue + first-token logit statistics"),
+        (f"{FORECAST}_residue_only", False, "residue only"),
+    ):
+        out.append(
+            Predictor(
+                name,
+                "forecast",
+                np.stack([prefill_vector(r, logits) for r in rows]),
+                f"prefill forecast ({what}) at the last prompt token, trained task-balanced",
+                balance_tasks=True,
+            )
+        )
     sparse, _ = sparse_columns(runs.sigs, n_features, cfg.min_active)
     out.append(
         Predictor(
@@ -232,10 +260,13 @@ def _calibration(
 def evaluate_predictor(p: Predictor, runs: Runs, cfg: ScoreConfig) -> tuple[dict[str, Any], F64]:
     """Metrics of one predictor; also returns its out-of-fold scores."""
     y, tasks, groups = runs.y, runs.tasks, runs.groups
-    oof, chosen = ev.cross_val(p.X, y, groups, cfg.folds, seed=cfg.seed)
+    strata = tasks if p.balance_tasks else None
+    oof, chosen = ev.cross_val(p.X, y, groups, cfg.folds, seed=cfg.seed, strata=strata)
     # LOTO reuses the ridge strength the cross-validation's training folds chose most often (the median
     # of their choices): picked without any held-out task's labels, and 10× cheaper than a nested search.
-    loto = ev.leave_one_task_out(p.X, y, tasks, groups, grid=(float(np.median(chosen)),), seed=cfg.seed)
+    loto = ev.leave_one_task_out(
+        p.X, y, tasks, groups, grid=(float(np.median(chosen)),), seed=cfg.seed, balance_tasks=p.balance_tasks
+    )
     ci = ev.bootstrap_ci(ev.auroc, oof, y, cfg.n_boot, seed=cfg.seed)
     tpr_ci = ev.bootstrap_ci(lambda s, t: ev.tpr_at_fpr(s, t, 0.01), oof, y, cfg.n_boot, seed=cfg.seed)
     per_task = ev.per_task_auroc(oof, y, tasks)
@@ -433,6 +464,48 @@ def summary_keys(table: Mapping[str, Mapping[str, Any]], n: int, n_tasks: int) -
         "auroc_loto_residue": head["auroc_loto"],
         "tpr_at_1pct_fpr_residue": head["tpr_at_1pct_fpr"],
         "tpr_at_1pct_fpr_best_baseline": outputs[best]["tpr_at_1pct_fpr"],
+        "n_generations": n,
+        "n_tasks": n_tasks,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- forecast
+def forecast_artifact(runs: Runs, cfg: ScoreConfig, report: Mapping[str, Any]) -> PrefillForecast:
+    """The prefill forecast the sidecar loads, fitted on every run (its held-out figures, measured by
+    ``evaluate_predictor`` under grouped CV and leave-one-task-out, travel in its ``report``)."""
+    conf = runs.config
+    rows = [prefill_row(s) for s in runs.sigs]
+    X = np.stack([prefill_vector(r, True) for r in rows])
+    return fit_forecast(
+        X,
+        runs.y,
+        runs.tasks,
+        runs.groups,
+        model=str(conf["model"]),
+        clt_id=str(conf["clt_id"]),
+        n_layers=rows[0].n_layers,
+        cfg=ForecastConfig(with_logits=True, target_fpr=cfg.target_fpr, folds=cfg.folds, seed=cfg.seed),
+        report=report,
+    )
+
+
+def forecast_keys(table: Mapping[str, Mapping[str, Any]], n: int, n_tasks: int) -> dict[str, Any]:
+    """The accuracy keys of benchmarks/results/prefill_forecast.json (latency comes from the benchmark)."""
+    post = {k: table[k] for k in POST_GENERATION if k in table}
+    best = max(post, key=lambda k: post[k]["auroc"] or 0.0)
+    f, fte = table[FORECAST], table["output.first_token_entropy"]
+    return {
+        "auroc_prefill_forecast": f["auroc"],
+        "auroc_prefill_forecast_ci": f["auroc_ci"],
+        "auroc_prefill_forecast_residue_only": table[f"{FORECAST}_residue_only"]["auroc"],
+        "auroc_first_token_entropy": fte["auroc"],
+        "auroc_best_post_generation": post[best]["auroc"],
+        "best_post_generation_name": best,
+        "auroc_loto_prefill_forecast": f["auroc_loto"],
+        "auroc_within_task_prefill_forecast": f["auroc_within_task"],
+        "auroc_within_task_first_token_entropy": fte["auroc_within_task"],
+        "tpr_at_1pct_fpr_prefill_forecast": f["tpr_at_1pct_fpr"],
+        "tpr_at_1pct_fpr_first_token_entropy": fte["tpr_at_1pct_fpr"],
         "n_generations": n,
         "n_tasks": n_tasks,
     }

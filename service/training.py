@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -56,7 +57,8 @@ def machine_info() -> dict[str, Any]:
         pass
     return {
         "cpu": cpu,
-        "cores": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
@@ -214,6 +216,16 @@ def tiny_train_config() -> TrainConfig:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def merge_results(path: Path, data: dict[str, Any]) -> None:
+    """Update the keys of ``data`` in the JSON object at ``path``, keeping the others (a results file that
+    two commands fill: e.g. the evaluation's accuracy keys and a benchmark's latency keys)."""
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    write_json(path, {**(old if isinstance(old, dict) else {}), **data})
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:

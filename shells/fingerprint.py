@@ -33,20 +33,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from residue_monitor.detectors.attention import trapped_mass
 from residue_monitor.detectors.base import DetectorResult
 from residue_monitor.detectors.compare import compare_runs, feature_matrix
 from residue_monitor.detectors.exceptions import ArtifactMismatch, InvalidInput
+from residue_monitor.detectors.forecast import PER_LAYER, layer_block
 from residue_monitor.detectors.signature import (
-    ENTROPY,
     ERROR_RATIO,
-    L0,
-    MASS,
-    SELF,
-    SINK,
     UNREACHED,
     ResidueSignature,
-    RowSignature,
 )
 from residue_monitor.detectors.suite import run_detectors
 
@@ -58,17 +52,7 @@ DETECTOR_NAMES = ("attention", "errors", "nullout")
 # ---------------------------------------------------------------------------------------------- inputs
 def compact_names(n_layers: int) -> tuple[str, ...]:
     """Names of ``compact_vector``'s entries, in order."""
-    per_layer = (
-        "error_ratio",
-        "log_mass",
-        "l0",
-        "unreached",
-        "head_entropy",
-        "head_self",
-        "head_sink",
-        "head_trap",
-    )
-    names = [f"L{layer}.{s}" for s in per_layer for layer in range(n_layers)]
+    names = [f"L{layer}.{s}" for s in PER_LAYER for layer in range(n_layers)]
     names += [f"first.{s}" for s in ("entropy", "top1_prob", "margin", "eos_prob")]
     names += [
         f"final.{s}" for s in ("entropy", "top1_prob", "margin", "eos_prob", "error_ratio", "unreached")
@@ -78,23 +62,6 @@ def compact_names(n_layers: int) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _layer_block(row: RowSignature) -> F64:
-    s = row.layer_stats.astype(np.float64)
-    L = s.shape[0]
-    if row.heads.shape[1]:
-        h = row.heads.astype(np.float64)
-        heads = [
-            h[..., ENTROPY].mean(1),
-            h[..., SELF].mean(1),
-            h[..., SINK].mean(1),
-            trapped_mass(row).mean(1),
-        ]
-    else:
-        heads = [np.zeros(L)] * 4
-    cols = [s[:, ERROR_RATIO], np.log1p(np.clip(s[:, MASS], 0, None)), s[:, L0], s[:, UNREACHED], *heads]
-    return np.concatenate(cols)
-
-
 def compact_vector(sig: ResidueSignature, detectors: Mapping[str, DetectorResult] | None = None) -> F64:
     """The compact statistics of ``sig`` (see ``compact_names``); NaN where a row is missing.
     ``detectors``: the signature's detector results when already computed (the sidecar shares them)."""
@@ -102,7 +69,7 @@ def compact_vector(sig: ResidueSignature, detectors: Mapping[str, DetectorResult
     if first is None:
         raise InvalidInput("signature has no rows")
     L = first.n_layers
-    parts = [_layer_block(first), first.logits.astype(np.float64)]
+    parts = [layer_block(first), first.logits.astype(np.float64)]
     final = sig.row("final")
     if final is not None:
         s = final.layer_stats.astype(np.float64)

@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from residue_monitor.detectors import evaluation as ev
 from residue_monitor.detectors.exceptions import ArtifactMismatch
+from residue_monitor.detectors.forecast import load_forecast, prefill_row
 from residue_monitor.detectors.request import analyze_prompt
 from residue_monitor.service import evaluation
 from residue_monitor.service.engine import Engine
 from residue_monitor.service.eval_report import score_run, write_markdown
-from residue_monitor.service.eval_scoring import HEADLINE, ScoreConfig
+from residue_monitor.service.eval_scoring import FORECAST, HEADLINE, ScoreConfig
 from residue_monitor.service.evaluation import EvalConfig, generate_runs, load_runs
 from residue_monitor.service.server.config import ServerConfig
 from residue_monitor.service.server.scoring import default_scorers
@@ -151,6 +153,32 @@ def test_failure_fingerprints_load_in_the_sidecar(
     assert "failure_wrong_answer" in scorers.names()
 
 
+def test_prefill_forecast_is_scored_and_its_artifact_matches_the_run(
+    scored: tuple[Path, dict[str, Any]], engine: Engine, run: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    """Both forecast variants are scored task-balanced beside first-token entropy; the artifact fitted on
+    the run loads for this CLT only and reproduces, from a stored signature's prompt row, a probability
+    in [0, 1] that flags at its threshold."""
+    results, doc = scored
+    p = doc["predictors"]
+    assert {FORECAST, f"{FORECAST}_residue_only", "output.first_token_entropy"} <= set(p)
+    assert p[FORECAST]["inputs"] == 8 * engine.clt.n_layers + 4
+    assert p[f"{FORECAST}_residue_only"]["inputs"] == 8 * engine.clt.n_layers
+    f = doc["prefill_forecast"]
+    assert f["auroc_prefill_forecast"] == p[FORECAST]["auroc"]
+    assert f["auroc_first_token_entropy"] == p["output.first_token_entropy"]["auroc"]
+    assert f["n_generations"] == 150 and f["best_post_generation_name"].startswith("output.")
+    fc = load_forecast(results / f["artifact"], clt_id=engine.clt_id, n_layers=engine.clt.n_layers)
+    assert fc.id == f["artifact_id"] and fc.with_logits
+    with pytest.raises(ArtifactMismatch):
+        load_forecast(results / f["artifact"], clt_id="another-clt")
+    runs = load_runs(run[0])
+    probs = np.array([fc.predict_row(prefill_row(s)) for s in runs.sigs])
+    assert ((probs >= 0) & (probs <= 1)).all() and probs.std() > 0
+    # Fitted on these runs with a planted signal: it ranks their failures above their successes.
+    assert ev.auroc(probs, runs.y) > 0.7
+
+
 def test_maps_comparison_and_document(scored: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     """The generalization map, alignment matrix and ROC plot are PNGs; the cross-run comparison covers
     every task; the markdown names every predictor and embeds every plot."""
@@ -164,6 +192,7 @@ def test_maps_comparison_and_document(scored: tuple[Path, dict[str, Any]], tmp_p
     md = write_markdown(doc, tmp_path / "EVALUATION.md").read_text()
     for name in doc["predictors"]:
         assert f"`{name}`" in md
+    assert "## Prefill forecast" in md and doc["prefill_forecast"]["artifact_id"] in md
     for name in doc["plots"].values():
         assert f"eval/{name}" in md
     json.dumps(doc, allow_nan=False)
