@@ -114,9 +114,13 @@ def frame_message(
     layers: Sequence[pb.LayerResidue] | pb.PackedResidue,
     logits: pb.LogitStats | None = None,
     heads: Sequence[pb.HeadStats] = (),
+    captured_time: float | None = None,
 ) -> pb.IngestMessage:
-    """An IngestMessage carrying one ResidueFrame: per-layer messages, or one PackedResidue."""
+    """An IngestMessage carrying one ResidueFrame: per-layer messages, or one PackedResidue;
+    ``captured_time``: Unix seconds the row was captured (the plugin sets it)."""
     f = pb.ResidueFrame(request_id=request_id, position=position, phase=PHASE_PROTO[phase], sequence=sequence)
+    if captured_time is not None:
+        f.captured_time.FromNanoseconds(round(captured_time * 1e9))
     if isinstance(layers, pb.PackedResidue):
         f.packed.CopyFrom(layers)
     else:

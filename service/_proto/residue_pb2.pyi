@@ -114,7 +114,7 @@ class RequestStart(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., clt_id: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., token_ids_opted_in: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ResidueFrame(_message.Message):
-    __slots__ = ("request_id", "position", "phase", "sequence", "layers", "heads", "logits", "packed")
+    __slots__ = ("request_id", "position", "phase", "sequence", "layers", "heads", "logits", "packed", "captured_time")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class ResidueFrame(_message.Message):
     HEADS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_TIME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     phase: Phase
@@ -131,7 +132,8 @@ class ResidueFrame(_message.Message):
     heads: _containers.RepeatedCompositeFieldContainer[HeadStats]
     logits: LogitStats
     packed: PackedResidue
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., sequence: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerResidue, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[HeadStats, _Mapping]]] = ..., logits: _Optional[_Union[LogitStats, _Mapping]] = ..., packed: _Optional[_Union[PackedResidue, _Mapping]] = ...) -> None: ...
+    captured_time: _timestamp_pb2.Timestamp
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., sequence: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerResidue, _Mapping]]] = ..., heads: _Optional[_Iterable[_Union[HeadStats, _Mapping]]] = ..., logits: _Optional[_Union[LogitStats, _Mapping]] = ..., packed: _Optional[_Union[PackedResidue, _Mapping]] = ..., captured_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class PackedResidue(_message.Message):
     __slots__ = ("layer_ids", "feature_counts", "feature_ids", "feature_values", "layer_stats", "head_stats")
@@ -296,14 +298,20 @@ class PrefillForecast(_message.Message):
     def __init__(self, score: _Optional[_Union[ForecastScore, _Mapping]] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
 
 class ForecastScore(_message.Message):
-    __slots__ = ("probability", "threshold", "flagged")
+    __slots__ = ("probability", "threshold", "flagged", "forecast_id", "prefill_time", "scored_time")
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TIME_FIELD_NUMBER: _ClassVar[int]
+    SCORED_TIME_FIELD_NUMBER: _ClassVar[int]
     probability: float
     threshold: float
     flagged: bool
-    def __init__(self, probability: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ...) -> None: ...
+    forecast_id: str
+    prefill_time: _timestamp_pb2.Timestamp
+    scored_time: _timestamp_pb2.Timestamp
+    def __init__(self, probability: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ..., forecast_id: _Optional[str] = ..., prefill_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scored_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ResidueRecord(_message.Message):
     __slots__ = ("request_id", "model", "clt_id", "tenant", "start_time", "end_time", "signature", "detector_scores", "fingerprint_matches", "flags", "prefill_forecast", "finish_reason", "prompt_tokens", "output_tokens", "num_cached_tokens", "empty_output", "complete", "prompt_token_ids", "incomplete_reason", "prefill_signature", "frames_over_limit", "frames_duplicate")

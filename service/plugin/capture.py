@@ -79,6 +79,8 @@ class RowEvent:
     """(V,) raw next-token logits of the row."""
     target: int
     """The token the row emitted."""
+    time: float = 0.0
+    """Unix seconds the row was captured (after the step's sampling: for PROMPT_LAST, the end of prefill)."""
 
 
 @dataclass(frozen=True)
@@ -423,6 +425,7 @@ class LiveCapture:
         if p is None or p.logits is None or any(x is None for x in p.mlp_out):
             return
         tokens = out.sampled_token_ids[:, 0].index_select(0, p.logit_rows).tolist()
+        now = time.time()
         for r, (c, tok) in enumerate(zip(p.candidates, tokens, strict=True)):
             tr = c.tracked
             st = self.runner.requests.get(c.internal_id)
@@ -450,7 +453,7 @@ class LiveCapture:
                 mlp_in = torch.stack([x[r] for x in p.mlp_in])  # pyright: ignore[reportOptionalSubscript]  # (L, D)
                 mlp_out = torch.stack([x[r] for x in p.mlp_out])  # pyright: ignore[reportOptionalSubscript]
                 ok = self.sink(RowEvent(tr.external_id, c.position, phase, mlp_in, mlp_out, q, keys,
-                                        p.logits[r], int(tok)))  # fmt: skip
+                                        p.logits[r], int(tok), now))  # fmt: skip
                 self.stats.rows_kept += int(ok)
             if stop or length:
                 with self._lock:

@@ -51,6 +51,11 @@ STATS_EVERY_S = 2.0
 """How often changed drop counters are reported to the sidecar (``PluginStats``)."""
 
 
+def _urgent(ev: Event) -> bool:
+    """A last-prompt row: encoded and sent without waiting for a batch to fill (the prefill forecast)."""
+    return isinstance(ev, RowEvent) and ev.phase == "prompt_last"
+
+
 @dataclass
 class SenderStats:
     queued: int = 0
@@ -145,7 +150,7 @@ class FrameSender:
                 self._seq[ev.request_id] = seq + 1
                 row = rows.pop(0)
                 out.append(frame_message(ev.request_id, ev.position, ev.phase, seq, packed_residue(row),
-                                         logit_stats(row)))  # fmt: skip
+                                         logit_stats(row), captured_time=ev.time or None))  # fmt: skip
             else:
                 out.append(self._end(ev))
         return out
@@ -262,11 +267,21 @@ class FrameSender:
             except queue.Empty:
                 continue
             # Gather what arrives within BATCH_WAIT_S: rows encoded together share one read of the
-            # transcoder's weights, which is most of the cost of a few rows.
+            # transcoder's weights, which is most of the cost of a few rows. A last-prompt row does not
+            # wait: the sidecar's prefill forecast is only useful before the answer is generated, so a
+            # batch holding one takes what is already queued and goes.
+            urgent = _urgent(batch[0])
             until = time.monotonic() + BATCH_WAIT_S
             with contextlib.suppress(queue.Empty):
-                while len(batch) < MAX_BATCH and (left := until - time.monotonic()) > 0 and not done.is_set():
-                    batch.append(self._q.get(timeout=left))
+                while len(batch) < MAX_BATCH and not done.is_set():
+                    if urgent:
+                        ev = self._q.get_nowait()
+                    elif (left := until - time.monotonic()) > 0:
+                        ev = self._q.get(timeout=left)
+                    else:
+                        break
+                    batch.append(ev)
+                    urgent = urgent or _urgent(ev)
             try:
                 msgs = self._messages(batch)
             except Exception as e:  # one bad batch must not stop the stream

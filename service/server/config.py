@@ -40,6 +40,7 @@ ENV: Mapping[str, str] = {
     "clt_path": "RESIDUE_CLT",
     "prompt_error_threshold": "RESIDUE_PROMPT_ERROR_THRESHOLD",
     "fingerprints_path": "RESIDUE_FINGERPRINTS",
+    "forecast_path": "RESIDUE_FORECAST",
     "token": "RESIDUE_TOKEN",
     "tenant_tokens_path": "RESIDUE_TENANT_TOKENS",
     "tls_cert": "RESIDUE_TLS_CERT",
@@ -106,6 +107,12 @@ class ServerConfig:
     """``RESIDUE_FINGERPRINTS``: fingerprints JSON written by ``residue shells run``; each flags requests at
     its calibrated threshold. They must have been fitted with the loaded CLT (``RESIDUE_CLT``): the sidecar
     refuses to start otherwise. Empty: detectors only."""
+    forecast_path: str = ""
+    """``RESIDUE_FORECAST``: a prefill forecast artifact (``prefill_forecast.json`` from ``residue eval``).
+    Every request's PROMPT_LAST frame is scored the moment it arrives: GetResidue answers with the forecast
+    before the request ends, a forecast at or above its threshold raises the ``prefill_forecast`` flag on
+    WatchFlags, and /metrics counts it. It must have been fitted with the loaded CLT (``RESIDUE_CLT``): the
+    sidecar refuses to start otherwise. Empty: records say that no forecast model is loaded."""
     token: str = ""
     """``RESIDUE_TOKEN``: when set, every call except health checks needs 'authorization: Bearer <token>'."""
     tenant_tokens_path: str = ""

@@ -14,14 +14,14 @@ from residue_monitor.detectors.attribution.graph import TargetKind, TargetSpec
 from residue_monitor.detectors.attribution.summary import NodeInfo
 from residue_monitor.detectors.exceptions import InvalidInput
 from residue_monitor.service._proto import residue_pb2 as pb
+from residue_monitor.service.server.events import Frame, Start
 from residue_monitor.service.server.flags import WatchFilter
-from residue_monitor.service.server.record import Outcome
+from residue_monitor.service.server.forecasting import FLAG_NAME, IN_FLIGHT, NO_MODEL, ForecastResult
+from residue_monitor.service.server.record import Outcome, Summary, summarize
 from residue_monitor.service.server.scoring import Scorer
 from residue_monitor.service.server.trace import TraceCall, check_fraction
 from residue_monitor.service.store.base import RecordFilter, check_tenant
 from residue_monitor.service.tracing import TraceOutcome, node_id
-
-NO_FORECAST = "no prefill forecast model is loaded (the residue-engine issue brings one)"
 
 
 def _set_time(ts: object, unix_s: float) -> None:
@@ -33,9 +33,7 @@ def _time(ts: object) -> float | None:
     return seconds + nanos / 1e9 if seconds or nanos else None
 
 
-def record_proto(o: Outcome) -> pb.ResidueRecord:
-    """The stored record of an outcome (no text, DESIGN.md §8; token ids only when opted in)."""
-    s, e = o.request.start, o.request.end
+def _base_record(s: Start) -> pb.ResidueRecord:
     r = pb.ResidueRecord(
         request_id=s.request_id,
         model=s.model,
@@ -43,11 +41,48 @@ def record_proto(o: Outcome) -> pb.ResidueRecord:
         tenant=s.tenant,
         prompt_tokens=s.prompt_tokens,
         num_cached_tokens=s.num_cached_tokens,
-        complete=e is not None,
         prompt_token_ids=list(s.prompt_token_ids) if s.token_ids_opted_in else [],
     )
     if s.start_time is not None:
         _set_time(r.start_time, s.start_time)
+    return r
+
+
+def _summary(summary: Summary, msg: pb.SignatureSummary) -> None:
+    msg.frame_count = summary.frame_count
+    for layer in summary.layers:
+        msg.layers.add(
+            layer=layer.layer,
+            mean_error_ratio=layer.mean_error_ratio,
+            mean_l0=layer.mean_l0,
+            mean_mass=layer.mean_mass,
+        )
+
+
+def set_forecast(msg: pb.PrefillForecast, f: ForecastResult | None) -> None:
+    """A forecast (or its absence, with the reason) into the record's ``prefill_forecast``."""
+    if f is None:
+        msg.unavailable_reason = NO_MODEL
+        return
+    if f.probability is None:
+        msg.unavailable_reason = f.reason
+        return
+    sc = msg.score
+    sc.probability = f.probability
+    sc.threshold = f.threshold
+    sc.flagged = f.flagged
+    sc.forecast_id = f.forecast_id
+    if f.prefill_time is not None:
+        _set_time(sc.prefill_time, f.prefill_time)
+    if f.scored_time is not None:
+        _set_time(sc.scored_time, f.scored_time)
+
+
+def record_proto(o: Outcome) -> pb.ResidueRecord:
+    """The stored record of an outcome (no text, DESIGN.md §8; token ids only when opted in)."""
+    s, e = o.request.start, o.request.end
+    r = _base_record(s)
+    r.complete = e is not None
     if e is not None:
         r.finish_reason = e.finish_reason  # type: ignore[assignment]  # validated FinishReason value
         r.output_tokens = e.output_tokens
@@ -58,26 +93,50 @@ def record_proto(o: Outcome) -> pb.ResidueRecord:
     r.incomplete_reason = o.request.incomplete_reason
     r.frames_over_limit = o.request.frames_over_limit
     r.frames_duplicate = o.request.duplicates
-    for summary, msg in ((o.overall, r.signature), (o.prefill, r.prefill_signature)):
-        msg.frame_count = summary.frame_count
-        for layer in summary.layers:
-            msg.layers.add(
-                layer=layer.layer,
-                mean_error_ratio=layer.mean_error_ratio,
-                mean_l0=layer.mean_l0,
-                mean_mass=layer.mean_mass,
-            )
+    _summary(o.overall, r.signature)
+    _summary(o.prefill, r.prefill_signature)
     for res in o.results:
         r.detector_scores[res.name] = res.score
     for m in o.matches:
         r.fingerprint_matches.add(fingerprint=m.name, score=m.score, threshold=m.threshold, matched=m.matched)
     r.flags.extend(m.name for m in o.flags)
-    r.prefill_forecast.unavailable_reason = NO_FORECAST
+    if o.forecast is not None and o.forecast.flagged:
+        r.flags.append(FLAG_NAME)
+    set_forecast(r.prefill_forecast, o.forecast)
     return r
 
 
+def provisional_record(start: Start, frame: Frame, f: ForecastResult) -> pb.ResidueRecord:
+    """The record of a request still running, written when its prefill forecast is made, so GetResidue
+    answers before the request ends; the final record replaces it (``complete`` false until then)."""
+    r = _base_record(start)
+    r.incomplete_reason = IN_FLIGHT
+    _summary(summarize([frame]), r.prefill_signature)
+    if f.flagged:
+        r.flags.append(FLAG_NAME)
+    set_forecast(r.prefill_forecast, f)
+    return r
+
+
+def forecast_flag(start: Start, f: ForecastResult, now: float) -> pb.FlagEvent:
+    """The FlagEvent of a forecast that crossed its threshold (``flag`` = "prefill_forecast")."""
+    assert f.probability is not None
+    ev = pb.FlagEvent(
+        request_id=start.request_id,
+        model=start.model,
+        tenant=start.tenant,
+        flag=FLAG_NAME,
+        score=f.probability,
+        threshold=f.threshold,
+        clt_id=start.clt_id,
+    )
+    _set_time(ev.time, now)
+    return ev
+
+
 def flag_protos(o: Outcome, now: float) -> list[pb.FlagEvent]:
-    """One FlagEvent per matched fingerprint, stamped ``now`` (Unix seconds)."""
+    """One FlagEvent per matched fingerprint, stamped ``now`` (Unix seconds). The prefill forecast's flag
+    is not among them: it was raised live, when the forecast was made (``forecast_flag``)."""
     s = o.request.start
     events = []
     for m in o.flags:

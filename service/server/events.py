@@ -59,6 +59,8 @@ class Frame:
     """(H, 9) per head: layer, head, entropy, self, local, sink, span start, span len, span mass."""
     logits: tuple[float, float, float, float] | None = None
     """(entropy, top1_prob, margin, eos_prob), or None when the frame carried no LogitStats."""
+    captured_time: float | None = None
+    """Unix seconds the plugin captured the row; None when the frame did not say."""
 
 
 @dataclass(frozen=True, slots=True)

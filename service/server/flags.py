@@ -57,6 +57,7 @@ class WatchFilter:
     tenant: str = ""
     model: str = ""
     fingerprint: str = ""
+    """A fingerprint name, or a flag name that no fingerprint raises (``prefill_forecast``)."""
     after_event_id: str = ""
     """Replay retained events after this id first ('' = live events only)."""
 
@@ -73,7 +74,7 @@ class WatchFilter:
         return (
             ev.tenant == self.tenant
             and (not self.model or ev.model == self.model)
-            and (not self.fingerprint or ev.fingerprint == self.fingerprint)
+            and (not self.fingerprint or self.fingerprint in (ev.fingerprint, ev.flag))
         )
 
 

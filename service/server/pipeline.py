@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from residue_monitor.detectors.exceptions import ResidueError
 from residue_monitor.service._proto import residue_pb2 as pb
@@ -31,10 +31,16 @@ from residue_monitor.service.server.assembler import (
     Refused,
     step,
 )
-from residue_monitor.service.server.convert import flag_protos, record_proto
+from residue_monitor.service.server.convert import (
+    flag_protos,
+    forecast_flag,
+    provisional_record,
+    record_proto,
+)
 from residue_monitor.service.server.errors import LimitExceeded, Rejected
 from residue_monitor.service.server.events import End, Event, Flush, Frame, Start, Tick
 from residue_monitor.service.server.flags import FlagHub
+from residue_monitor.service.server.forecasting import Forecaster, ForecastResult, forecast_request
 from residue_monitor.service.server.record import Outcome, score_request
 from residue_monitor.service.server.scoring import Registry, Scorer
 from residue_monitor.service.server.validate import FrameLimits, to_event
@@ -97,8 +103,15 @@ class IngestPipeline:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        forecaster: Forecaster | None = None,
     ) -> None:
         self.state = AssemblerState()
+        self._forecaster = forecaster
+        self._forecasts: dict[str, ForecastResult] = {}
+        """Prefill forecasts of open requests (made when the PROMPT_LAST frame arrived; bounded by the
+        open requests: removed when the request is finalized)."""
+        self._early: dict[str, asyncio.Task[None]] = {}
+        """Provisional-record writes of open requests; the final write waits for its request's one."""
         self._store = store
         self._scorers = scorers
         self._stats = stats
@@ -190,6 +203,8 @@ class IngestPipeline:
                 # Orphans replayed by a start were counted by the stream that sent them (as Held).
                 mine = o.frame is event if o.frame is not None else isinstance(event, _KIND[o.kind])
                 self._accepted(o, counts if mine else None)
+                if o.frame is not None and o.frame.phase == "prompt_last" and self._forecaster is not None:
+                    self._forecast_live(o.frame)
             elif isinstance(o, Dropped):
                 self._dropped(o, counts if o.request_id == own else None)
             elif isinstance(o, Finalized):
@@ -232,11 +247,47 @@ class IngestPipeline:
         elif o.reason in ("late", "unknown_request"):
             counts.reject(R.REJECT_REASON_UNKNOWN_REQUEST, o.detail)
 
+    def _forecast_live(self, frame: Frame) -> None:
+        """Score a request's PROMPT_LAST frame now, before the request ends: count it, write a provisional
+        record (GetResidue answers with the forecast) and raise the flag on WatchFlags when it crosses
+        the threshold. A second PROMPT_LAST frame of the same request changes nothing."""
+        assert self._forecaster is not None
+        rid = frame.request_id
+        opened = self.state.open.get(rid)
+        if opened is None or rid in self._forecasts:
+            return
+        f = replace(self._forecaster.score_frame(frame, opened.start), scored_time=self._wall())
+        self._forecasts[rid] = f
+        if f.probability is not None:
+            self._stats.observe_prefill_risk(f.probability, rid, flagged=f.flagged)
+        task = asyncio.get_running_loop().create_task(self._persist_forecast(opened.start, frame, f))
+        self._early[rid] = task
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _persist_forecast(self, start: Start, frame: Frame, f: ForecastResult) -> None:
+        rid = start.request_id
+        try:
+            await self._store.put_record(provisional_record(start, frame, f))
+        except ResidueError as e:
+            logger.warning("storing the prefill forecast of request %r failed: %s", rid, e)
+        if f.flagged:
+            ev = forecast_flag(start, f, self._wall())
+            try:
+                ev.event_id = await self._store.append_flag(ev)
+            except ResidueError as e:
+                logger.warning("storing the prefill-forecast flag of request %r failed: %s", rid, e)
+            self._hub.publish(ev)
+
     async def _finalized(self, o: Finalized, counts: StreamCounts | None) -> None:
+        rid = o.request.start.request_id
+        forecast = self._forecasts.pop(rid, None)
+        if forecast is None:
+            forecast = forecast_request(o.request, self._forecaster)
         outcome = score_request(
-            o.request, self._scorers, self._limits.n_layers if self._limits.clt_id else None
+            o.request, self._scorers, self._limits.n_layers if self._limits.clt_id else None, forecast
         )
-        task = asyncio.get_running_loop().create_task(self._persist(outcome))
+        task = asyncio.get_running_loop().create_task(self._persist(outcome, self._early.pop(rid, None)))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         if counts is None:
@@ -278,9 +329,12 @@ class IngestPipeline:
         for entropy in outcome.head_entropy:
             self._stats.observe_attention_entropy(entropy)
 
-    async def _persist(self, outcome: Outcome) -> None:
+    async def _persist(self, outcome: Outcome, early: asyncio.Task[None] | None = None) -> None:
         req = outcome.request
         rid = req.start.request_id
+        if early is not None:
+            # The provisional record must land first, or it would replace the final one.
+            await asyncio.gather(early, return_exceptions=True)
         if not req.complete:
             logger.info("request %r stored incomplete: %s", rid, req.incomplete_reason)
         self._observe(outcome)

@@ -16,6 +16,7 @@ import numpy as np
 
 from residue_monitor.detectors.signature import ERROR_RATIO, L0, MASS
 from residue_monitor.service.server.events import AssembledRequest, Frame
+from residue_monitor.service.server.forecasting import ForecastResult
 from residue_monitor.service.server.residue import to_signature
 from residue_monitor.service.server.scoring import DetectorResult, Registry, Scorer, SignatureView
 
@@ -69,6 +70,8 @@ class Outcome:
     matches: tuple[Match, ...]
     head_entropy: tuple[float, ...] = ()
     """Mean attention entropy (nats) of each (layer, head) the frames summarized, over the frames."""
+    forecast: ForecastResult | None = None
+    """The prefill forecast (made live when the PROMPT_LAST frame arrived), or why there is none."""
 
     @property
     def flags(self) -> tuple[Match, ...]:
@@ -117,10 +120,14 @@ def head_entropy_means(frames: Sequence[Frame]) -> tuple[float, ...]:
 
 
 def score_request(
-    request: AssembledRequest, scorers: Registry[Scorer], n_layers: int | None = None
+    request: AssembledRequest,
+    scorers: Registry[Scorer],
+    n_layers: int | None = None,
+    forecast: ForecastResult | None = None,
 ) -> Outcome:
     """Summaries plus every applicable scorer's result; a scorer that fails is logged and left out.
-    ``n_layers``: the transcoder's layer count, when known (else read off the frames)."""
+    ``n_layers``: the transcoder's layer count, when known (else read off the frames); ``forecast``: the
+    request's prefill forecast, carried into the record."""
     results: list[DetectorResult] = []
     matches: list[Match] = []
     start = request.start
@@ -154,4 +161,5 @@ def score_request(
         tuple(results),
         tuple(matches),
         head_entropy_means(request.frames),
+        forecast,
     )

@@ -44,6 +44,7 @@ from residue_monitor.service.server.auth import BearerTokenInterceptor, TenantTo
 from residue_monitor.service.server.config import ServerConfig
 from residue_monitor.service.server.errors import ErrorInterceptor
 from residue_monitor.service.server.flags import FlagHub
+from residue_monitor.service.server.forecasting import Forecaster
 from residue_monitor.service.server.pipeline import IngestPipeline
 from residue_monitor.service.server.scoring import Registry, Scorer, default_scorers
 from residue_monitor.service.server.servicer import ResidueServicer
@@ -72,9 +73,11 @@ class Sidecar:
         scorers: Registry[Scorer] | None = None,
         clt: CrossLayerTranscoder | None = None,
         registry: CollectorRegistry | None = None,
+        forecaster: Forecaster | None = None,
     ) -> None:
-        """``store`` / ``clt`` override what ``cfg`` names (tests inject them; an injected store is not
-        closed by ``stop``); ``registry`` receives the metrics (a fresh one by default)."""
+        """``store`` / ``clt`` / ``forecaster`` override what ``cfg`` names (tests inject them; an injected
+        store is not closed by ``stop``); ``registry`` receives the metrics (a fresh one by default)."""
+        self.forecaster = forecaster
         self.cfg = cfg
         self._store = store
         self._owns_store = store is None
@@ -132,9 +135,28 @@ class Sidecar:
                 replace(store_cfg, redis_url=cfg.redis_url or store_cfg.redis_url)
             )
         self._check_fingerprints()
+        clt = self._clt
+        if cfg.forecast_path and self.forecaster is None:
+            self.forecaster = Forecaster.load(
+                Path(cfg.forecast_path),
+                clt.clt_id() if clt is not None else None,
+                clt.n_layers if clt is not None else None,
+            )
+        fc = self.forecaster
+        if fc is not None and clt is not None and fc.forecast.clt_id != clt.clt_id():
+            raise ArtifactMismatch(
+                f"prefill forecast {fc.id} was fitted for CLT {fc.forecast.clt_id}, the sidecar loaded CLT "
+                f"{clt.clt_id()}: refit it (residue eval) or load the transcoder it was fitted with"
+            )
         limits = FrameLimits.from_config(cfg, self._clt)
         self.pipeline = IngestPipeline(
-            self._store, self.scorers, self.stats, self.hub, limits, AssemblerLimits.from_config(cfg)
+            self._store,
+            self.scorers,
+            self.stats,
+            self.hub,
+            limits,
+            AssemblerLimits.from_config(cfg),
+            forecaster=self.forecaster,
         )
         interceptors: list[aio.ServerInterceptor] = [ErrorInterceptor()]  # outermost: sees every error
         tenants = TenantTokens.load(cfg.tenant_tokens_path, cfg.token) if cfg.tenant_tokens_path else None
@@ -187,10 +209,10 @@ class Sidecar:
             register_collectors(self.registry, self.stats.snapshot)
             self._metrics = start_metrics_server(self.registry, cfg.metrics_host, cfg.metrics_port)
         logger.info(
-            "residue sidecar on %s:%d (%s%s), CLT %s, scorers %s, Trace %s",
+            "residue sidecar on %s:%d (%s%s), CLT %s, scorers %s, prefill forecast %s, Trace %s",
             cfg.host, self.port, "TLS" if cfg.tls else "plaintext", ", token auth" if cfg.token else "",
             self._clt.clt_id() if self._clt is not None else "none", ", ".join(self.scorers.names()),
-            cfg.trace_model or "off",
+            self.forecaster.id if self.forecaster is not None else "off", cfg.trace_model or "off",
         )  # fmt: skip
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:

@@ -56,7 +56,7 @@ class FrameLimits:
         return cls(clt.n_layers, clt.cfg.n_features, cfg.max_features_per_layer, cfg.max_heads, clt.clt_id())
 
 
-def _ts(msg: pb.RequestStart | pb.RequestEnd, name: str) -> float | None:
+def _ts(msg: pb.RequestStart | pb.RequestEnd | pb.ResidueFrame, name: str) -> float | None:
     if not msg.HasField(name):  # type: ignore[arg-type]  # a Timestamp field name
         return None
     ts = getattr(msg, name)
@@ -213,7 +213,8 @@ def check_frame(f: pb.ResidueFrame, limits: FrameLimits) -> Frame:
         logits = (float(lg[0]), float(lg[1]), float(lg[2]), float(lg[3]))
     for a in (layers, stats, offsets, ids, vals, heads):
         a.flags.writeable = False
-    return Frame(rid, f.position, phase, f.sequence, layers, stats, offsets, ids, vals, heads, logits)
+    t = _ts(f, "captured_time")
+    return Frame(rid, f.position, phase, f.sequence, layers, stats, offsets, ids, vals, heads, logits, t)
 
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]

@@ -111,7 +111,7 @@ def test_artifact_round_trip_id_and_refusals(tmp_path: Path) -> None:
     assert back.id == model.id and len(model.id) == 16
     row = _row(5)
     assert back.predict_row(row) == pytest.approx(model.predict_row(row))
-    with pytest.raises(ArtifactMismatch, match="clt-a.*clt-b"):
+    with pytest.raises(ArtifactMismatch, match=r"clt-a.*clt-b"):
         fc.load_forecast(path, clt_id="clt-b")
     with pytest.raises(ArtifactMismatch, match="layers"):
         fc.load_forecast(path, n_layers=L + 1)
@@ -128,7 +128,7 @@ def test_artifact_round_trip_id_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="entries"):
         fc.load_forecast(tmp_path / "short.json")
     (tmp_path / "junk.json").write_bytes(b"\xff\x00{")
-    with pytest.raises(InvalidInput, match="junk.json"):
+    with pytest.raises(InvalidInput, match=r"junk\.json"):
         fc.load_forecast(tmp_path / "junk.json")
     with pytest.raises(InvalidInput, match="not a prefill forecast"):
         fc.PrefillForecast.from_dict({"format": 1, "kind": "fingerprint"})
