@@ -228,7 +228,7 @@ def demo(
     """Start the stack (vLLM with the residue plugin + the sidecar) on SmolLM2 and the default CLT, send
     benign and shell prompts, and show what the sidecar flagged; Ctrl-C stops everything."""
     logging.basicConfig(level=logging.WARNING)
-    from residue_monitor.service.engine import default_fingerprints_path
+    from residue_monitor.service.engine import default_fingerprints_path, default_forecast_path
     from residue_monitor.service.models import resolve_model
     from residue_monitor.service.training import default_clt_path, ensure_default_clt
 
@@ -256,6 +256,9 @@ def demo(
     console.print(f"fingerprints: {fp_path}" if fps else
                   "no fingerprints for this CLT yet (`residue shells run` fits them, ≈30 min): "
                   "flags come from the residue detectors only", soft_wrap=True)  # fmt: skip
+    forecast = default_forecast_path(prepared.name, clt_id)
+    console.print(f"prefill forecast: {forecast}" if forecast else
+                  "no prefill forecast for this CLT (`residue eval` fits one)", soft_wrap=True)  # fmt: skip
     todo = [DemoPrompt("yours", p) for p in prompts] if prompts else demo_prompts()
     status = console.status("")
     status.start()
@@ -266,7 +269,7 @@ def demo(
 
     try:
         run_demo(prepared.path, prepared.name, where, fps, residue_home() / "demo", todo,
-                 on_status=status.update, on_results=report, wait=wait)  # fmt: skip
+                 on_status=status.update, on_results=report, wait=wait, forecast=forecast)  # fmt: skip
     except (RuntimeError, TimeoutError, OSError) as e:
         status.stop()
         _fail(e)
@@ -276,26 +279,37 @@ def demo(
 
 def _demo_report(results: list[Any], metrics: str, urls: dict[str, str]) -> None:
     table = Table(title="live requests, as the sidecar recorded them (by the OpenAI completion id)")
-    for c in ("kind", "prompt", "output", "flags", "best fingerprint score / threshold", "request id"):
+    for c in ("kind", "prompt", "output", "flags", "best fingerprint score / threshold", "prefill risk",
+              "request id"):  # fmt: skip
         table.add_column(c, overflow="fold")
     for r in results:
         rec = r.record
         if rec is None:
             table.add_row(
-                r.prompt.kind, r.prompt.text[:60], r.error or r.output[:60], "(no record)", "", r.request_id
+                r.prompt.kind,
+                r.prompt.text[:60],
+                r.error or r.output[:60],
+                "(no record)",
+                "",
+                "",
+                r.request_id,
             )
             continue
         best = max(rec.fingerprint_matches, key=lambda m: m.score - m.threshold, default=None)
         score = f"{best.fingerprint}: {best.score:.2f} / {best.threshold:.2f}" if best else "–"
         flags = ", ".join(rec.flags) or "–"
+        fc = rec.prefill_forecast
+        risk = f"{fc.score.probability:.2f} / {fc.score.threshold:.2f}" if fc.HasField("score") else "–"
         table.add_row(r.prompt.kind, r.prompt.text[:60], (r.output or "∅ (null output)")[:60],
-                      f"[red]{flags}[/]" if rec.flags else flags, score, r.request_id)  # fmt: skip
+                      f"[red]{flags}[/]" if rec.flags else flags, score, risk, r.request_id)  # fmt: skip
     console.print(table)
     keep = (
         "residue_requests_total",
         "residue_flags_total",
         "residue_frames_total",
         "residue_frames_dropped_total",
+        "residue_prefill_flags_total",
+        "residue_prefill_risk_count",
     )
     lines = [x for x in metrics.splitlines() if x.startswith(keep)]
     console.print("[bold]sidecar metrics[/]\n" + "\n".join(lines))
@@ -655,6 +669,16 @@ def eval_(
                   str(r["auroc_within_task"]), str(r["auroc_loto"]))  # fmt: skip
     console.print(t)
     console.print(f"results in {out / 'results'} (eval.json, fingerprints-all.json, plots)", soft_wrap=True)
+    from residue_monitor.service.models import residue_home
+
+    artifact = out / "results" / "prefill_forecast.json"
+    if artifact.is_file():
+        import shutil
+
+        published = residue_home() / "forecasts" / f"{doc['model']}-{doc['clt_id']}.json"
+        published.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(artifact, published)
+        console.print(f"prefill forecast {published} (RESIDUE_FORECAST for the sidecar)", soft_wrap=True)
 
 
 @app.command("eval-report")

@@ -64,7 +64,12 @@ def demo_prompts(n_benign: int = 4) -> list[DemoPrompt]:
 
 @contextlib.contextmanager
 def sidecar_process(
-    clt: Path, fingerprints: Path | None, log: Path, port: int, metrics_port: int
+    clt: Path,
+    fingerprints: Path | None,
+    log: Path,
+    port: int,
+    metrics_port: int,
+    forecast: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``residue serve`` on 127.0.0.1, SERVING before this yields; SIGTERM (graceful drain) on exit."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -72,6 +77,8 @@ def sidecar_process(
     env = {**os.environ, "RESIDUE_CLT": str(clt), "RESIDUE_METRICS_HOST": "127.0.0.1"}
     if fingerprints is not None:
         env["RESIDUE_FINGERPRINTS"] = str(fingerprints)
+    if forecast is not None:
+        env["RESIDUE_FORECAST"] = str(forecast)
     cmd = [sys.executable, "-c", "from residue_monitor.service.cli import app; app()", "serve",
            "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]  # fmt: skip
     with log.open("ab") as f:
@@ -132,13 +139,14 @@ def run_demo(
     on_status: Callable[[str], None] = lambda _s: None,
     on_results: Callable[[list[DemoResult], str, dict[str, str]], None] = lambda *_a: None,
     wait: bool = True,
+    forecast: Path | None = None,
 ) -> list[DemoResult]:
     """Start the stack, send ``prompts`` concurrently, report, then serve until Ctrl-C (``wait``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     target = f"127.0.0.1:{grpc_port}"
     on_status("starting the sidecar (residue serve) …")
-    with sidecar_process(clt, fingerprints, workdir / "sidecar.log", grpc_port, metrics_port):
+    with sidecar_process(clt, fingerprints, workdir / "sidecar.log", grpc_port, metrics_port, forecast):
         on_status("starting vLLM with the residue plugin (≈40 s) …")
         argv, env = vllm_command(str(model_path), port=http_port, clt=str(clt), target=target,
                                  served_model_name=model_name)  # fmt: skip

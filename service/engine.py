@@ -100,6 +100,20 @@ def default_fingerprints_path(model_name: str, clt_id: str) -> Path:
     return residue_home() / "fingerprints" / f"{model_name}-{clt_id}.json"
 
 
+PACKAGED_FORECASTS = Path(__file__).parent / "forecasts"
+"""Prefill forecasts shipped with the package (fitted by ``residue eval`` for the default CLT)."""
+
+
+def default_forecast_path(model_name: str, clt_id: str) -> Path | None:
+    """The prefill forecast for (model, CLT): the one ``residue eval`` published into the cache, else the
+    one shipped with the package, else None."""
+    name = f"{model_name}-{clt_id}.json"
+    for path in (residue_home() / "forecasts" / name, PACKAGED_FORECASTS / name):
+        if path.is_file():
+            return path
+    return None
+
+
 def find_fingerprints(engine: Engine, path: Path | None = None) -> list[Fingerprint]:
     """Fingerprints for the engine's CLT: ``path`` (must match, else ArtifactMismatch) or the default
     file when one exists (else none)."""

@@ -20,6 +20,7 @@ import numpy as np
 from residue_monitor.detectors.capture import Phase
 from residue_monitor.detectors.clt.io import save_clt
 from residue_monitor.detectors.clt.model import CLTConfig, CrossLayerTranscoder, random_clt
+from residue_monitor.detectors.forecast import PrefillForecast, prefill_names
 from residue_monitor.detectors.signature import (
     ERROR_RATIO,
     SPAN_LEN_COL,
@@ -27,6 +28,9 @@ from residue_monitor.detectors.signature import (
     ResidueSignature,
     RowSignature,
 )
+from residue_monitor.service._proto import residue_pb2 as pb
+from residue_monitor.service.server.residue import row_of
+from residue_monitor.service.server.validate import FrameLimits, check_frame
 from residue_monitor.shells.fingerprint import Fingerprint, FitConfig, fit_fingerprint
 
 N_LAYERS, D_MODEL, N_FEATURES, K = 4, 64, 128, 8
@@ -198,3 +202,35 @@ def jittered_family(
         replace(base, rows=tuple(_jitter_row(r, rng, scale, err_shift, hot, p_hot) for r in base.rows))
         for _ in range(n)
     ]
+
+
+def random_forecast(
+    clt: CrossLayerTranscoder, threshold: float, seed: int = 0, **fields: object
+) -> PrefillForecast:
+    """A prefill forecast for ``clt`` with random weights (plumbing tests: what it predicts does not
+    matter, only that the sidecar applies it); ``fields`` override any artifact field."""
+    d = len(prefill_names(clt.n_layers, True))
+    rng = np.random.default_rng(seed)
+    base: dict[str, object] = {
+        "model": "tiny",
+        "clt_id": clt.clt_id(),
+        "n_layers": clt.n_layers,
+        "with_logits": True,
+        "mean": np.zeros(d),
+        "scale": np.ones(d),
+        "weights": rng.normal(0, 0.3, d),
+        "bias": 0.0,
+        "platt_a": 1.0,
+        "platt_b": 0.0,
+        "threshold": threshold,
+        "target_fpr": 0.05,
+    }
+    return PrefillForecast(**(base | fields))  # type: ignore[arg-type]
+
+
+def prompt_row(msgs: Sequence[pb.IngestMessage], clt: CrossLayerTranscoder) -> RowSignature:
+    """The PROMPT_LAST row of a request's messages as the sidecar rebuilds it (validated, then ``row_of``):
+    what its prefill forecast reads, computed without a sidecar."""
+    (f,) = [m.frame for m in msgs if m.HasField("frame") and m.frame.phase == pb.PHASE_PROMPT_LAST]
+    limits = FrameLimits(clt.n_layers, clt.cfg.n_features, 256, 4096, clt.clt_id())
+    return row_of(check_frame(f, limits), clt.n_layers)

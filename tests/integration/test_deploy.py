@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,11 @@ from deploy.grafana.livecheck import (
 )
 from residue_monitor.detectors.clt.io import save_clt
 from residue_monitor.detectors.clt.model import CrossLayerTranscoder
+from residue_monitor.detectors.forecast import save_forecast
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service.exporter import StatsAccumulator, register_collectors
 from residue_monitor.service.frames import request_messages
+from tests.integration.residue_data import prompt_row, random_forecast
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -776,16 +779,10 @@ def test_grafana_provisioning_links_the_exporters_exemplar_label() -> None:
 # Dashboard queries that real sidecar traffic cannot feed, each with the reason. They must return no data
 # from the sidecar (strict xfail: an entry that starts returning data fails until it is removed here);
 # their PromQL is still run against Prometheus (an invalid query errors, which is not the expected failure).
-_PLUGIN_PREFILL = (
-    "residue_prefill_risk is the plugin's failure forecast at the last prompt token, before generation; "
-    "the sidecar has no prefill scorer and nothing calls observe_prefill_risk (the prefill forecast, "
-    "issue 13, is not built yet), so its histogram stays empty (the prefill-flag ratio, query C, still "
-    "returns 0)"
-)
-PLUGIN_ONLY_TARGETS: dict[str, str] = {
-    "10-Prefill_risk-A": _PLUGIN_PREFILL,
-    "10-Prefill_risk-B": _PLUGIN_PREFILL,
-}
+# Empty since the sidecar makes the prefill forecast (issue 13): the live sidecar below loads one.
+PLUGIN_ONLY_TARGETS: dict[str, str] = {}
+
+
 LIVE_PROMPTS = (
     "What is the capital of France?",
     "Alice put the key in the red box. Where is the key now?",
@@ -851,9 +848,17 @@ def live_sidecar(
     scores = sorted(_prompt_score(r) for r in requests)
     mid = len(scores) // 2
     assert scores[mid - 1] < scores[mid], f"prompt scores do not split: {scores}"
+    # A prefill forecast (random weights: the panels need its samples, not its skill) whose threshold sits
+    # between the requests' forecasts, so the prefill-flag panels see flags too.
+    fc = random_forecast(clt, 1.0)
+    probs = sorted(fc.predict_row(prompt_row(r, clt)) for r in requests)
+    forecast = save_forecast(
+        workdir / "forecast.json", replace(fc, threshold=(probs[mid - 1] + probs[mid]) / 2)
+    )
     env = {
         "RESIDUE_CLT": str(clt_dir),
         "RESIDUE_PROMPT_ERROR_THRESHOLD": repr((scores[mid - 1] + scores[mid]) / 2),
+        "RESIDUE_FORECAST": str(forecast),
     }
     with serve_sidecar(workdir, env) as sidecar:
         traffic = ReplayTraffic(sidecar.grpc_target, requests, requests_per_s=5.0)

@@ -15,21 +15,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from grpc import aio
 
 from residue_monitor.detectors.clt.model import CrossLayerTranscoder
 from residue_monitor.detectors.exceptions import ArtifactMismatch, InvalidInput
-from residue_monitor.detectors.forecast import FLAG_NAME, PrefillForecast, prefill_names, save_forecast
+from residue_monitor.detectors.forecast import FLAG_NAME, save_forecast
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.frames import request_messages
 from residue_monitor.service.server import ServerConfig, Sidecar
 from residue_monitor.service.server.forecasting import IN_FLIGHT, NO_FRAME, NO_MODEL, Forecaster
-from residue_monitor.service.server.residue import row_of
-from residue_monitor.service.server.validate import FrameLimits, check_frame
 from residue_monitor.service.store import MemoryStore
+from tests.integration.residue_data import prompt_row, random_forecast
 from tests.integration.test_server import PROMPTS, Messages, _eventually, _until, frames_of, renamed
 
 pytestmark = pytest.mark.asyncio
@@ -45,26 +43,6 @@ def requests(tiny_hf: tuple[Any, Any], clt: CrossLayerTranscoder) -> list[Messag
     ]
 
 
-def random_forecast(clt: CrossLayerTranscoder, threshold: float, seed: int = 0, **kw: Any) -> PrefillForecast:
-    d = len(prefill_names(clt.n_layers, True))
-    rng = np.random.default_rng(seed)
-    fields: dict[str, Any] = {
-        "model": "tiny",
-        "clt_id": clt.clt_id(),
-        "n_layers": clt.n_layers,
-        "with_logits": True,
-        "mean": np.zeros(d),
-        "scale": np.ones(d),
-        "weights": rng.normal(0, 0.3, d),
-        "bias": 0.0,
-        "platt_a": 1.0,
-        "platt_b": 0.0,
-        "threshold": threshold,
-        "target_fpr": 0.05,
-    }
-    return PrefillForecast(**(fields | kw))
-
-
 def stamped(msgs: Messages) -> Messages:
     """The messages with the PROMPT_LAST frame's captured_time set, as the plugin sends it."""
     out = [pb.IngestMessage() for _ in msgs]
@@ -73,13 +51,6 @@ def stamped(msgs: Messages) -> Messages:
         if o.HasField("frame") and o.frame.phase == pb.PHASE_PROMPT_LAST:
             o.frame.captured_time.FromNanoseconds(round(CAPTURED * 1e9))
     return out
-
-
-def expected_probability(msgs: Messages, fc: PrefillForecast, clt: CrossLayerTranscoder) -> float:
-    """The forecast computed independently of the sidecar: validate the prompt frame, rebuild its row."""
-    (f,) = [f for f in frames_of(msgs) if f.phase == pb.PHASE_PROMPT_LAST]
-    frame = check_frame(f, FrameLimits(clt.n_layers, clt.cfg.n_features, 64, 4096, clt.clt_id()))
-    return fc.predict_row(row_of(frame, clt.n_layers))
 
 
 class OpenStream:
@@ -135,7 +106,7 @@ async def test_forecast_is_readable_before_the_request_ends_and_kept_in_the_reco
             assert not rec.complete and rec.incomplete_reason == IN_FLIGHT
             assert rec.prefill_forecast.WhichOneof("result") == "score"
             sc = rec.prefill_forecast.score
-            assert sc.probability == pytest.approx(expected_probability(msgs, fc, clt), rel=1e-9)
+            assert sc.probability == pytest.approx(fc.predict_row(prompt_row(msgs, clt)), rel=1e-9)
             assert sc.threshold == 1.0 and not sc.flagged and sc.forecast_id == fc.id
             assert sc.prefill_time.ToNanoseconds() == round(CAPTURED * 1e9)
             assert abs(sc.scored_time.ToNanoseconds() / 1e9 - time.time()) < 60
