@@ -114,6 +114,27 @@ def test_prefix_cached_prompt_is_recorded_and_still_signed(server: VllmServer, s
     assert next(m.frame.phase for m in b if m.WhichOneof("kind") == "frame") == pb.PHASE_PROMPT_LAST
 
 
+def test_last_prompt_frame_is_sent_when_prefill_ends(server: VllmServer, sink: IngestSink) -> None:
+    """The PROMPT_LAST frame reaches the sidecar while the request is still generating (it does not wait
+    for a batch of rows to fill: the prefill forecast needs it early), and every frame carries the time
+    it was captured, in order, inside the request's lifetime."""
+    body = {"model": _model(server), "prompt": "Once upon a time", "max_tokens": 96, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    resp = post(server.url + "/v1/completions", body)
+    sink.wait_end(resp["id"])
+    got = sink.arrivals(resp["id"])
+    start, end = got[0][0].start, got[-1][0].end
+    frames = [(m.frame, t) for m, t in got if m.WhichOneof("kind") == "frame"]
+    prompt, arrived = frames[0]
+    assert prompt.phase == pb.PHASE_PROMPT_LAST
+    captured = [f.captured_time.ToNanoseconds() / 1e9 for f, _ in frames]
+    assert all(f.HasField("captured_time") for f, _ in frames)
+    assert captured == sorted(captured)
+    assert start.start_time.ToNanoseconds() / 1e9 - 1 <= captured[0] <= end.end_time.ToNanoseconds() / 1e9
+    # Sent at once: it arrived before the last token was even generated.
+    assert arrived < captured[-1], (arrived, captured[-1])
+
+
 def test_request_ended_by_the_front_end_is_closed(server: VllmServer, sink: IngestSink) -> None:
     """A stop string ends a request in vLLM's front end (detokenizer), which the worker never sees: the
     plugin closes it when it leaves the runner (reported as ABORT, with the tokens it had produced)."""

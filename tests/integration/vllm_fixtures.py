@@ -67,6 +67,8 @@ class IngestSink(pb_grpc.ResidueServiceServicer):
 
     def __init__(self) -> None:
         self.messages: list[pb.IngestMessage] = []
+        self.arrived: list[float] = []
+        """Unix seconds each message arrived, parallel to ``messages``."""
         self.lock = threading.Lock()
         self.port = free_port()
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
@@ -77,12 +79,22 @@ class IngestSink(pb_grpc.ResidueServiceServicer):
         for m in request_iterator:
             with self.lock:
                 self.messages.append(m)
+                self.arrived.append(time.time())
         return pb.IngestSummary()
 
     def of(self, request_id: str) -> list[pb.IngestMessage]:
         """One request's messages (PluginStats, which belong to no request, left out)."""
         with self.lock:
             return [m for m in self.messages if request_of(m) == request_id]
+
+    def arrivals(self, request_id: str) -> list[tuple[pb.IngestMessage, float]]:
+        """One request's messages with their arrival times."""
+        with self.lock:
+            return [
+                (m, t)
+                for m, t in zip(self.messages, self.arrived, strict=True)
+                if request_of(m) == request_id
+            ]
 
     def plugin_stats(self) -> list[pb.PluginStats]:
         with self.lock:

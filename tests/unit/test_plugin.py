@@ -3,6 +3,8 @@ bounded queue and the drop report. (The plugin inside a real vLLM server: tests/
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,8 +13,16 @@ import torch
 from torch import nn
 
 from residue_monitor.detectors.exceptions import InvalidInput
+from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service.plugin import register
-from residue_monitor.service.plugin.capture import EndEvent, LiveCapture, external_request_id, sampled_request
+from residue_monitor.service.plugin import sender as sender_mod
+from residue_monitor.service.plugin.capture import (
+    EndEvent,
+    LiveCapture,
+    RowEvent,
+    external_request_id,
+    sampled_request,
+)
 from residue_monitor.service.plugin.config import PluginConfig
 from residue_monitor.service.plugin.launch import vllm_command
 from residue_monitor.service.plugin.sender import FrameSender
@@ -119,6 +129,37 @@ def test_full_queue_drops_and_counts_and_reports() -> None:
     ps = s.plugin_stats().plugin_stats
     assert (ps.queue_full, ps.hook_errors, ps.capture_seconds, ps.captured_steps) == (2, 3, 0.5, 100)
     assert ps.instance_id == s.instance_id and len(ps.instance_id) == 32
+
+
+def _row(phase: str, rid: str = "r") -> RowEvent:
+    z = torch.zeros(1, 1)
+    return RowEvent(rid, 5, phase, z, z, None, None, torch.zeros(3), 0, 1.0)  # type: ignore[arg-type]
+
+
+def test_a_last_prompt_row_is_sent_without_waiting_for_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are batched for up to BATCH_WAIT_S (here 60 s), except that a batch holding a PROMPT_LAST row
+    goes at once with what is queued: a decode row waiting in a batch leaves as soon as a prompt row joins
+    it (the sidecar's prefill forecast needs that row before the answer is generated)."""
+    monkeypatch.setattr(sender_mod, "BATCH_WAIT_S", 60.0)
+    builder: Any = SimpleNamespace(model="m", clt_id="c")
+    s = FrameSender(builder, "127.0.0.1:1", queue_size=16)
+    batches: list[list[str]] = []
+
+    def encode(evs: list[Any]) -> list[pb.IngestMessage]:
+        batches.append([e.phase for e in evs])
+        return [pb.IngestMessage(end=pb.RequestEnd(request_id=e.request_id)) for e in evs]
+
+    s._messages = encode  # type: ignore[method-assign]  # no transcoder here: count the batches instead
+    done = threading.Event()
+    stream = s._stream([], done)
+    assert next(stream).WhichOneof("kind") == "plugin_stats"
+    s.offer(_row("decode", "a"))
+    threading.Timer(0.3, lambda: (s.offer(_row("prompt_last", "b")), s.offer(_row("decode", "c")))).start()
+    t0 = time.monotonic()
+    first = next(stream)
+    assert time.monotonic() - t0 < 30, "the batch waited for BATCH_WAIT_S despite its prompt row"
+    assert first.end.request_id == "a" and batches[0][:2] == ["decode", "prompt_last"]
+    done.set()
 
 
 def test_vllm_command_with_and_without_capture() -> None:
