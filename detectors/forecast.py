@@ -10,10 +10,11 @@ these compact statistics (FACTS-signals.md).
 
 Fitting (``fit_forecast``), pure numpy:
 
-* an L2 logistic regression on standardised inputs, trained **task-balanced**
+* an L2 logistic regression on standardised inputs, trained **task-balanced** by default
   (``evaluation.stratum_weights``: failures and successes weigh the same inside every task), so the model
   cannot score by recognising the task and its base rate; the ridge strength is picked by grouped inner
-  cross-validation on the mean within-task AUROC;
+  cross-validation on the mean within-task AUROC. ``balance_tasks=False`` trains on the pooled mix
+  instead (prompt types that usually fail then count as signal);
 * **calibrated** by Platt scaling of the out-of-fold scores (grouped folds), so the probability means
   the failure rate of the training mix; the flag **threshold** is the conformal quantile of the
   successes' out-of-fold calibrated probabilities at ``target_fpr``.
@@ -270,6 +271,9 @@ def load_forecast(path: Path, clt_id: str | None = None, n_layers: int | None = 
 class ForecastConfig:
     with_logits: bool = True
     """Add the first-token logit statistics to the residue inputs."""
+    balance_tasks: bool = True
+    """Train task-balanced (``evaluation.stratum_weights``); False: the two classes balanced over all runs,
+    so differences in failure rate between prompt types count as signal."""
     target_fpr: float = 0.05
     """False-positive rate (share of succeeding requests flagged) the threshold is calibrated for."""
     folds: int = 5
@@ -308,14 +312,15 @@ def fit_forecast(
         raise InvalidInput(f"X must be ({t.size}, {want}) for {n_layers} layers, got {A.shape}")
     if t.sum() == 0 or t.sum() == t.size:
         raise InvalidInput("a forecast needs both failing and succeeding runs")
-    oof, chosen = ev.cross_val(A, t, groups, cfg.folds, cfg.grid, cfg.seed, strata=tasks)
+    strata = tasks if cfg.balance_tasks else None
+    oof, chosen = ev.cross_val(A, t, groups, cfg.folds, cfg.grid, cfg.seed, strata=strata)
     # Out-of-fold probabilities → logits of the same probes, for calibration.
     oof_logit = np.log(np.clip(oof, 1e-12, 1)) - np.log(np.clip(1 - oof, 1e-12, 1))
     a, b = platt(oof_logit, t)
     calibrated = 1 / (1 + np.exp(-np.clip(a * oof_logit + b, -30, 30)))
     threshold = ev.conformal_threshold(calibrated[t == 0], cfg.target_fpr)
     l2 = float(np.median(chosen))
-    probe = ev.train_probe(A, t, l2, strata=tasks)
+    probe = ev.train_probe(A, t, l2, strata=strata)
     return PrefillForecast(
         model=model,
         clt_id=clt_id,
@@ -330,5 +335,11 @@ def fit_forecast(
         threshold=min(threshold, 1.0) if math.isfinite(threshold) else math.inf,
         target_fpr=cfg.target_fpr,
         tasks=tuple(sorted(set(tasks))),
-        report={"l2": l2, "n_runs": int(t.size), "failure_rate": float(t.mean()), **dict(report or {})},
+        report={
+            "l2": l2,
+            "n_runs": int(t.size),
+            "failure_rate": float(t.mean()),
+            "task_balanced": cfg.balance_tasks,
+            **dict(report or {}),
+        },
     )

@@ -68,7 +68,13 @@ from residue_monitor.shells.maps import (
 F64 = np.ndarray
 HEADLINE = "residue.signature"
 FORECAST = "forecast.prefill"
-"""The prefill forecast the sidecar ships (issue 13): residue + first-token logit statistics."""
+"""The prefill forecast trained task-balanced (residue + first-token logit statistics)."""
+FORECAST_POOLED = "forecast.prefill_pooled"
+"""The same inputs trained on the pooled mix."""
+FORECAST_RESIDUE_ONLY = "forecast.prefill_residue_only"
+"""Task-balanced, without the first-token logit statistics."""
+FORECAST_CANDIDATES = (FORECAST, FORECAST_POOLED)
+"""The variants the shipped forecast is chosen from (``forecast_choice``: rule fixed before the run)."""
 POST_GENERATION = ("output.mean_token_entropy", "output.min_max_prob", "output.mean_max_prob",
                    "output.perplexity", "output.output_tokens", "output.logit_stats")  # fmt: skip
 """Output-only baselines that need the whole generation (the forecast's 'best post-generation')."""
@@ -185,17 +191,18 @@ def predictors(
         )
     )
     rows = [prefill_row(s) for s in runs.sigs]
-    for name, logits, what in (
-        (FORECAST, True, "residue + first-token logit statistics"),
-        (f"{FORECAST}_residue_only", False, "residue only"),
+    for name, logits, balanced, what in (
+        (FORECAST, True, True, "residue + first-token logit statistics, trained task-balanced"),
+        (FORECAST_POOLED, True, False, "residue + first-token logit statistics, trained on the pooled mix"),
+        (FORECAST_RESIDUE_ONLY, False, True, "residue only, trained task-balanced"),
     ):
         out.append(
             Predictor(
                 name,
                 "forecast",
                 np.stack([prefill_vector(r, logits) for r in rows]),
-                f"prefill forecast ({what}) at the last prompt token, trained task-balanced",
-                balance_tasks=True,
+                f"prefill forecast at the last prompt token: {what}",
+                balance_tasks=balanced,
             )
         )
     sparse, _ = sparse_columns(runs.sigs, n_features, cfg.min_active)
@@ -470,12 +477,27 @@ def summary_keys(table: Mapping[str, Mapping[str, Any]], n: int, n_tasks: int) -
 
 
 # ---------------------------------------------------------------------------------------------- forecast
-def forecast_artifact(runs: Runs, cfg: ScoreConfig, report: Mapping[str, Any]) -> PrefillForecast:
+def forecast_choice(table: Mapping[str, Mapping[str, Any]]) -> str:
+    """The forecast variant to ship: the higher leave-one-task-out AUROC of ``FORECAST_CANDIDATES``
+    (transfer to unseen prompt types is what a live forecast needs most; ties go to the first)."""
+    return max(FORECAST_CANDIDATES, key=lambda k: table[k]["auroc_loto"] or 0.0)
+
+
+def forecast_artifact(
+    runs: Runs, cfg: ScoreConfig, report: Mapping[str, Any], balance_tasks: bool = True
+) -> PrefillForecast:
     """The prefill forecast the sidecar loads, fitted on every run (its held-out figures, measured by
     ``evaluate_predictor`` under grouped CV and leave-one-task-out, travel in its ``report``)."""
     conf = runs.config
     rows = [prefill_row(s) for s in runs.sigs]
     X = np.stack([prefill_vector(r, True) for r in rows])
+    fcfg = ForecastConfig(
+        with_logits=True,
+        balance_tasks=balance_tasks,
+        target_fpr=cfg.target_fpr,
+        folds=cfg.folds,
+        seed=cfg.seed,
+    )
     return fit_forecast(
         X,
         runs.y,
@@ -484,26 +506,33 @@ def forecast_artifact(runs: Runs, cfg: ScoreConfig, report: Mapping[str, Any]) -
         model=str(conf["model"]),
         clt_id=str(conf["clt_id"]),
         n_layers=rows[0].n_layers,
-        cfg=ForecastConfig(with_logits=True, target_fpr=cfg.target_fpr, folds=cfg.folds, seed=cfg.seed),
+        cfg=fcfg,
         report=report,
     )
 
 
 def forecast_keys(table: Mapping[str, Mapping[str, Any]], n: int, n_tasks: int) -> dict[str, Any]:
-    """The accuracy keys of benchmarks/results/prefill_forecast.json (latency comes from the benchmark)."""
+    """The accuracy keys of benchmarks/results/prefill_forecast.json (latency comes from the benchmark),
+    for the variant ``forecast_choice`` ships."""
     post = {k: table[k] for k in POST_GENERATION if k in table}
     best = max(post, key=lambda k: post[k]["auroc"] or 0.0)
-    f, fte = table[FORECAST], table["output.first_token_entropy"]
+    chosen = forecast_choice(table)
+    f, fte = table[chosen], table["output.first_token_entropy"]
     return {
+        "predictor": chosen,
         "auroc_prefill_forecast": f["auroc"],
         "auroc_prefill_forecast_ci": f["auroc_ci"],
-        "auroc_prefill_forecast_residue_only": table[f"{FORECAST}_residue_only"]["auroc"],
+        "auroc_prefill_forecast_task_balanced": table[FORECAST]["auroc"],
+        "auroc_prefill_forecast_pooled": table[FORECAST_POOLED]["auroc"],
+        "auroc_prefill_forecast_residue_only": table[FORECAST_RESIDUE_ONLY]["auroc"],
         "auroc_first_token_entropy": fte["auroc"],
         "auroc_best_post_generation": post[best]["auroc"],
         "best_post_generation_name": best,
         "auroc_loto_prefill_forecast": f["auroc_loto"],
+        "auroc_loto_pooled_prefill_forecast": f["auroc_loto_pooled"],
         "auroc_within_task_prefill_forecast": f["auroc_within_task"],
         "auroc_within_task_first_token_entropy": fte["auroc_within_task"],
+        "auroc_loto_first_token_entropy": fte["auroc_loto"],
         "tpr_at_1pct_fpr_prefill_forecast": f["tpr_at_1pct_fpr"],
         "tpr_at_1pct_fpr_first_token_entropy": fte["tpr_at_1pct_fpr"],
         "n_generations": n,

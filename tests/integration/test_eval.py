@@ -24,7 +24,13 @@ from residue_monitor.detectors.request import analyze_prompt
 from residue_monitor.service import evaluation
 from residue_monitor.service.engine import Engine
 from residue_monitor.service.eval_report import score_run, write_markdown
-from residue_monitor.service.eval_scoring import FORECAST, HEADLINE, ScoreConfig
+from residue_monitor.service.eval_scoring import (
+    FORECAST,
+    FORECAST_POOLED,
+    FORECAST_RESIDUE_ONLY,
+    HEADLINE,
+    ScoreConfig,
+)
 from residue_monitor.service.evaluation import EvalConfig, generate_runs, load_runs
 from residue_monitor.service.server.config import ServerConfig
 from residue_monitor.service.server.scoring import default_scorers
@@ -156,20 +162,23 @@ def test_failure_fingerprints_load_in_the_sidecar(
 def test_prefill_forecast_is_scored_and_its_artifact_matches_the_run(
     scored: tuple[Path, dict[str, Any]], engine: Engine, run: tuple[Path, list[dict[str, Any]]]
 ) -> None:
-    """Both forecast variants are scored task-balanced beside first-token entropy; the artifact fitted on
-    the run loads for this CLT only and reproduces, from a stored signature's prompt row, a probability
-    in [0, 1] that flags at its threshold."""
+    """The forecast variants are scored beside first-token entropy; the shipped one is the variant with the
+    higher leave-one-task-out AUROC; its artifact, fitted on the run, loads for this CLT only and gives
+    each stored signature's prompt row a probability in [0, 1]."""
     results, doc = scored
     p = doc["predictors"]
-    assert {FORECAST, f"{FORECAST}_residue_only", "output.first_token_entropy"} <= set(p)
-    assert p[FORECAST]["inputs"] == 8 * engine.clt.n_layers + 4
-    assert p[f"{FORECAST}_residue_only"]["inputs"] == 8 * engine.clt.n_layers
+    assert {FORECAST, FORECAST_POOLED, FORECAST_RESIDUE_ONLY, "output.first_token_entropy"} <= set(p)
+    assert p[FORECAST]["inputs"] == p[FORECAST_POOLED]["inputs"] == 8 * engine.clt.n_layers + 4
+    assert p[FORECAST_RESIDUE_ONLY]["inputs"] == 8 * engine.clt.n_layers
     f = doc["prefill_forecast"]
-    assert f["auroc_prefill_forecast"] == p[FORECAST]["auroc"]
+    chosen = f["predictor"]
+    assert chosen == max((FORECAST, FORECAST_POOLED), key=lambda k: p[k]["auroc_loto"])
+    assert f["auroc_prefill_forecast"] == p[chosen]["auroc"]
     assert f["auroc_first_token_entropy"] == p["output.first_token_entropy"]["auroc"]
     assert f["n_generations"] == 150 and f["best_post_generation_name"].startswith("output.")
     fc = load_forecast(results / f["artifact"], clt_id=engine.clt_id, n_layers=engine.clt.n_layers)
     assert fc.id == f["artifact_id"] and fc.with_logits
+    assert fc.report["task_balanced"] == (chosen == FORECAST)
     with pytest.raises(ArtifactMismatch):
         load_forecast(results / f["artifact"], clt_id="another-clt")
     runs = load_runs(run[0])
