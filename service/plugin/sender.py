@@ -238,8 +238,15 @@ class FrameSender:
         fails, without telling the generator: ``done`` (set by ``_run`` when the call ends) makes it stop
         taking events, and messages it encoded but could not hand over wait in ``_pending`` for the next
         stream (only the one being sent when the call failed can be lost)."""
+        tid = threading.get_native_id()
         with contextlib.suppress(OSError, AttributeError):  # encoding yields the CPU to vLLM's threads
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SENDER_NICE)
+            os.setpriority(os.PRIO_PROCESS, tid, SENDER_NICE)
+        # vLLM's CPU worker pins its process to the cores its OpenMP threads are bound to (with
+        # VLLM_CPU_OMP_THREADS_BIND=auto: all but one on a small machine), and threads inherit that. At
+        # nice 10 on those cores the encoder waits for every forward pass, so a last-prompt frame could
+        # reach the sidecar seconds after prefill. Let it run on any core: it takes the ones vLLM leaves.
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setaffinity(tid, range(os.cpu_count() or 1))
         yield from resend
         last = self.plugin_stats()
         yield last
