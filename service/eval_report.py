@@ -30,6 +30,7 @@ from residue_monitor.service.eval_scoring import (
     HEADLINE,
     POST_GENERATION,
     ScoreConfig,
+    abort_policy,
     alignment,
     cross_run_comparison,
     draw_maps,
@@ -109,10 +110,12 @@ def score_run(
     preds = predictors(runs, n_features, shell_fps, cfg)
     table: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    oofs: dict[str, np.ndarray] = {}
     for p in preds:
         say(f"scoring {p.name} ({p.X.shape[1]} inputs)")
         row, oof = evaluate_predictor(p, runs, cfg)
         table[p.name] = row
+        oofs[p.name] = oof
         if p.name in ROC_PREDICTORS:
             fpr, tpr = _roc(oof, y)
             curves[p.name] = (fpr, tpr, float(row["auroc"] or math.nan))
@@ -162,6 +165,10 @@ def score_run(
             "artifact_id": forecast.id,
             "threshold": round(forecast.threshold, 6) if math.isfinite(forecast.threshold) else None,
             "target_fpr": forecast.target_fpr,
+            "abort_policy": abort_policy(oofs[fkeys["predictor"]], runs, seed=cfg.seed),
+            "abort_policy_first_token_entropy": abort_policy(
+                oofs["output.first_token_entropy"], runs, seed=cfg.seed
+            ),
         },
         "shell_fingerprints": [fp.name for fp in shell_fps],
         "generalization": None
@@ -454,6 +461,26 @@ def _forecast_section(doc: Mapping[str, Any]) -> list[str]:
                  f"{_f(r['tpr_at_1pct_fpr'])} {_ci(r['tpr_at_1pct_fpr_ci'])}", _f(r["auroc_within_task"]),
                  _f(r["auroc_loto"]), _f(r["auroc_loto_pooled"]))
         )  # fmt: skip
+    lines += [
+        "",
+        "**Acting on it** (what `examples/forecast_gateway.py` does): abort every request the forecast "
+        "flags, right after its first token. Thresholds calibrated on the successes of half the groups, "
+        "measured on the other half, from out-of-fold forecasts; first-token entropy for comparison.",
+        "",
+    ]
+    lines += _header("flag at", "predictor", "failures caught", "correct answers lost", "output tokens saved")
+    for key, label in (("abort_policy", f"`{chosen}`"),
+                       ("abort_policy_first_token_entropy", "`output.first_token_entropy`")):  # fmt: skip
+        pol = f.get(key) or {}
+        for fpr in ("0.01", "0.05"):
+            r = pol.get(fpr)
+            if r is None:
+                continue
+            lines.append(
+                _row(f"{float(fpr):.0%} FPR", label, f"{r['failures_caught']} / {r['failures']}",
+                     f"{r['correct_answers_lost']} / {r['correct_answers']}",
+                     f"{r['tokens_saved']} / {r['output_tokens']} ({_f(r['tokens_saved_share'])})")
+            )  # fmt: skip
     lines += ["", "Per task (AUROC within the task; LOTO: the forecast trained without that task):", ""]
     lines += _header("task", "runs", "failure rate", "forecast", "forecast LOTO", "first-token entropy")
     for t, r in doc["per_task"].items():

@@ -538,3 +538,33 @@ def forecast_keys(table: Mapping[str, Mapping[str, Any]], n: int, n_tasks: int) 
         "n_generations": n,
         "n_tasks": n_tasks,
     }
+
+
+def abort_policy(
+    scores: F64, runs: Runs, fprs: Sequence[float] = (0.01, 0.05), seed: int = 0
+) -> dict[str, Any]:
+    """What a gateway that aborts every request the forecast flags would do (examples/forecast_gateway.py),
+    from out-of-fold forecasts: thresholds calibrated (conformal) on the successes of half the groups,
+    measured on the other half. Per FPR: failures caught, correct answers lost, and output tokens saved
+    (an abort when the forecast arrives, right after the first token, saves every later token)."""
+    y = runs.y
+    tokens = np.array([x["output_tokens"] for x in runs.lines], dtype=np.float64)
+    half = ev.group_folds(runs.groups, y, 2, seed + 7)
+    cal, test = half == 0, half == 1
+    out: dict[str, Any] = {"measured_on_runs": int(test.sum())}
+    for fpr in fprs:
+        thr = ev.conformal_threshold(scores[cal & (y == 0)], fpr)
+        flag = test & (scores >= thr)
+        fail_t, ok_t = test & (y == 1), test & (y == 0)
+        saved = float(np.clip(tokens[flag] - 1, 0, None).sum())
+        out[f"{fpr:g}"] = {
+            "threshold": _r(thr),
+            "failures_caught": int((flag & fail_t).sum()),
+            "failures": int(fail_t.sum()),
+            "correct_answers_lost": int((flag & ok_t).sum()),
+            "correct_answers": int(ok_t.sum()),
+            "tokens_saved": int(saved),
+            "output_tokens": int(tokens[test].sum()),
+            "tokens_saved_share": _r(saved / max(float(tokens[test].sum()), 1.0)),
+        }
+    return out
