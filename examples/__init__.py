@@ -1,0 +1,1 @@
+"""Examples an operator can copy (not part of the installed package)."""
