@@ -650,9 +650,12 @@ def eval_(
                 eng = load_engine(model, clt)
             with _Count("generating") as bar:
                 generate_runs(eng, items, out, EvalConfig(max_new_tokens=max_new_tokens), progress=bar)
-            if fp_path is None:
-                default = default_fingerprints_path(eng.prepared.name, eng.clt_id)
-                fp_path = default if default.is_file() else None
+        if fp_path is None:
+            # The shell fingerprints `residue shells run` published for the run's model and CLT, if any
+            # (read from the run folder, so --score-only finds them too).
+            conf = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+            default = default_fingerprints_path(str(conf.get("model", "")), str(conf.get("clt_id", "")))
+            fp_path = default if conf and default.is_file() else None
         with console.status("scoring …") as status:
             scfg = ScoreConfig(folds=folds, n_boot=n_boot)
             doc = score_run([out, *(runs or [])], out / "results", fp_path, scfg,

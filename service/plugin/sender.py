@@ -1,11 +1,21 @@
-"""The plugin's background half: a bounded queue of capture events, and one thread that turns them into
-residue frames (CLT encoding, signature statistics, protobuf) and streams them to the sidecar's Ingest.
+"""The plugin's background half: bounded queues of capture events, encoder threads that turn them into
+residue frames (CLT encoding, signature statistics, protobuf), and one gRPC Ingest stream to the sidecar.
 
-The forward thread only calls ``offer`` (``put_nowait``: never waits). When the queue is full the event
-is dropped and counted. The thread keeps one client stream open; when the sidecar is unreachable it
-reconnects with exponential backoff (0.1 s → 5 s) and, on reconnect, first re-sends the RequestStart of
-every request still open, so a restarted sidecar accepts their later frames. Events that arrive while
-disconnected wait in the queue (bounded, so the oldest survive and the newest are dropped).
+The forward thread only calls ``offer`` (``put_nowait``: never waits). When a queue is full the event is
+dropped and counted. Two encoder threads:
+
+* the **urgent** one takes request starts and last-prompt rows, at once and at normal priority: the
+  sidecar's prefill forecast is only worth something before the answer is generated;
+* the **batch** one takes every other row and the request ends, gathering up to ``BATCH_WAIT_S`` so rows
+  share one read of the transcoder's weights, at nice ``SENDER_NICE`` so vLLM's threads come first. It
+  never encodes a request's event before that request's urgent events are encoded, so the sidecar still
+  sees start → prompt row → … → end.
+
+Encoded messages wait in a bounded list for the stream; when it is full the encoders stop taking events
+and the queues fill (then new events are dropped and counted). The stream keeps one client stream open;
+when the sidecar is unreachable it reconnects with exponential backoff (0.1 s → 5 s) and, on reconnect,
+first re-sends the RequestStart of every request still open, so a restarted sidecar accepts their later
+frames.
 """
 
 from __future__ import annotations
@@ -52,8 +62,8 @@ STATS_EVERY_S = 2.0
 
 
 def _urgent(ev: Event) -> bool:
-    """A last-prompt row: encoded and sent without waiting for a batch to fill (the prefill forecast)."""
-    return isinstance(ev, RowEvent) and ev.phase == "prompt_last"
+    """A request start or a last-prompt row: encoded and sent at once (the prefill forecast needs them)."""
+    return isinstance(ev, StartEvent) or (isinstance(ev, RowEvent) and ev.phase == "prompt_last")
 
 
 @dataclass
@@ -93,6 +103,10 @@ class FrameSender:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._tls_ca = tls_ca
         self._q: queue.Queue[Event] = queue.Queue(maxsize=queue_size)
+        """Rows and ends, for the batch encoder."""
+        self._urgent: queue.Queue[Event] = queue.Queue(maxsize=queue_size)
+        """Starts and last-prompt rows, for the urgent encoder."""
+        self._max_pending = 2 * queue_size
         self.instance_id = uuid.uuid4().hex
         self.capture_counters: Callable[[], tuple[int, float, int]] = lambda: (0, 0.0, 0)
         """The capture's (hook errors, seconds in hooks, planned steps), reported with the sender's drops."""
@@ -102,31 +116,57 @@ class FrameSender:
         self._pending: collections.deque[pb.IngestMessage] = collections.deque()
         """Encoded messages not yet handed to a stream (a failed stream's leftovers go to the next one)."""
         self._pending_lock = threading.Lock()
+        self._ready = threading.Condition(self._pending_lock)
+        """Notified when encoded messages are added to ``_pending``."""
+        self._state = threading.Lock()
+        """Guards ``_open``, ``_seq`` and ``_urgent_left`` (the encoders and the stream share them)."""
         self._open: dict[str, pb.IngestMessage] = {}  # request id → its RequestStart, until its end
         self._seq: dict[str, int] = {}
+        self._urgent_left: collections.Counter[str] = collections.Counter()
+        """Urgent events queued per request and not yet encoded; the batch encoder waits for 0."""
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._thread = threading.Thread(target=self._run, name="residue-sender", daemon=True)
+        self._encoders = [
+            threading.Thread(target=self._encode_loop, args=(self._urgent, True), name="residue-urgent",
+                             daemon=True),
+            threading.Thread(target=self._encode_loop, args=(self._q, False), name="residue-encoder",
+                             daemon=True),
+        ]  # fmt: skip
 
     def start(self) -> None:
+        for t in self._encoders:
+            t.start()
         self._thread.start()
 
     def offer(self, ev: Event) -> bool:
-        """Queue an event without waiting; False (and counted) when the queue is full."""
+        """Queue an event without waiting; False (and counted) when its queue is full."""
+        urgent = _urgent(ev)
+        if urgent:
+            with self._state:
+                self._urgent_left[ev.request_id] += 1
         try:
-            self._q.put_nowait(ev)
+            (self._urgent if urgent else self._q).put_nowait(ev)
         except queue.Full:
+            if urgent:
+                self._urgent_done(ev.request_id)
             self.stats.dropped_queue_full += 1
             return False
         self.stats.queued += 1
         self._idle.clear()
         return True
 
+    def _urgent_done(self, request_id: str) -> None:
+        with self._state:
+            self._urgent_left[request_id] -= 1
+            if self._urgent_left[request_id] <= 0:
+                del self._urgent_left[request_id]
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued event was handed to the stream (tests, shutdown)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._q.unfinished_tasks == 0 and not self._pending:
+            if self._q.unfinished_tasks == 0 and self._urgent.unfinished_tasks == 0 and not self._pending:
                 return True
             time.sleep(0.01)
         return False
@@ -134,7 +174,11 @@ class FrameSender:
     def close(self, timeout_s: float = 5.0) -> None:
         self.flush(timeout_s)
         self._stop.set()
+        with self._ready:
+            self._ready.notify_all()
         self._thread.join(timeout_s)
+        for t in self._encoders:
+            t.join(timeout_s)
 
     # --------------------------------------------------------------------------------------- messages
     def _messages(self, events: list[Event]) -> list[pb.IngestMessage]:
@@ -146,8 +190,9 @@ class FrameSender:
             if isinstance(ev, StartEvent):
                 out.append(self._start(ev))
             elif isinstance(ev, RowEvent):
-                seq = self._seq.get(ev.request_id, 0)
-                self._seq[ev.request_id] = seq + 1
+                with self._state:
+                    seq = self._seq.get(ev.request_id, 0)
+                    self._seq[ev.request_id] = seq + 1
                 row = rows.pop(0)
                 out.append(frame_message(ev.request_id, ev.position, ev.phase, seq, packed_residue(row),
                                          logit_stats(row), captured_time=ev.time or None))  # fmt: skip
@@ -169,8 +214,9 @@ class FrameSender:
             start.prompt_token_ids.extend(ev.prompt_token_ids)
             start.token_ids_opted_in = True
         msg = pb.IngestMessage(start=start)
-        self._open[ev.request_id] = msg
-        self._seq[ev.request_id] = 0
+        with self._state:
+            self._open[ev.request_id] = msg
+            self._seq.setdefault(ev.request_id, 0)
         return msg
 
     def _end(self, ev: EndEvent) -> pb.IngestMessage:
@@ -182,8 +228,9 @@ class FrameSender:
             empty_output=ev.empty_output,
         )
         end.end_time.FromNanoseconds(round(ev.time * 1e9))
-        self._open.pop(ev.request_id, None)
-        self._seq.pop(ev.request_id, None)
+        with self._state:
+            self._open.pop(ev.request_id, None)
+            self._seq.pop(ev.request_id, None)
         return pb.IngestMessage(end=end)
 
     def _heads(self, ev: RowEvent) -> torch.Tensor:
@@ -233,20 +280,65 @@ class FrameSender:
                             capture_seconds=seconds, captured_steps=steps)  # fmt: skip
         return pb.IngestMessage(plugin_stats=ps)
 
-    def _stream(self, resend: list[pb.IngestMessage], done: threading.Event) -> Iterator[pb.IngestMessage]:
-        """One Ingest stream's messages. gRPC pulls them on its own thread and stops pulling when the call
-        fails, without telling the generator: ``done`` (set by ``_run`` when the call ends) makes it stop
-        taking events, and messages it encoded but could not hand over wait in ``_pending`` for the next
-        stream (only the one being sent when the call failed can be lost)."""
+    def _encode_loop(self, q: queue.Queue[Event], urgent: bool) -> None:
+        """One encoder thread: take events off ``q``, encode them, add the messages to ``_pending``."""
         tid = threading.get_native_id()
-        with contextlib.suppress(OSError, AttributeError):  # encoding yields the CPU to vLLM's threads
-            os.setpriority(os.PRIO_PROCESS, tid, SENDER_NICE)
+        if not urgent:
+            with contextlib.suppress(OSError, AttributeError):  # batch encoding yields the CPU to vLLM
+                os.setpriority(os.PRIO_PROCESS, tid, SENDER_NICE)
         # vLLM's CPU worker pins its process to the cores its OpenMP threads are bound to (with
-        # VLLM_CPU_OMP_THREADS_BIND=auto: all but one on a small machine), and threads inherit that. At
-        # nice 10 on those cores the encoder waits for every forward pass, so a last-prompt frame could
-        # reach the sidecar seconds after prefill. Let it run on any core: it takes the ones vLLM leaves.
+        # VLLM_CPU_OMP_THREADS_BIND=auto: all but one on a small machine), and threads inherit that: there
+        # the encoders would wait for every forward pass. Let them run on any core, vLLM's spare ones first.
         with contextlib.suppress(OSError, AttributeError):
             os.sched_setaffinity(tid, range(os.cpu_count() or 1))
+        while not self._stop.is_set():
+            if len(self._pending) >= self._max_pending:  # the stream is behind (or down): stop taking
+                self._stop.wait(0.05)
+                continue
+            try:
+                batch = [q.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            with contextlib.suppress(queue.Empty):
+                if urgent:  # what is queued already, no waiting
+                    while len(batch) < MAX_BATCH:
+                        batch.append(q.get_nowait())
+                else:  # gather what arrives within BATCH_WAIT_S: rows encoded together share a weight read
+                    until = time.monotonic() + BATCH_WAIT_S
+                    while len(batch) < MAX_BATCH and (left := until - time.monotonic()) > 0:
+                        batch.append(q.get(timeout=left))
+            if not urgent:
+                self._wait_for_urgent({ev.request_id for ev in batch})
+            try:
+                msgs = self._messages(batch)
+            except Exception as e:  # one bad batch must not stop the encoder
+                self.stats.encode_errors += len(batch)
+                logger.warning(
+                    "residue sender: could not encode %d events (%s: %s)", len(batch), type(e).__name__, e
+                )
+                msgs = []
+            finally:
+                for ev in batch:
+                    q.task_done()
+                    if urgent:
+                        self._urgent_done(ev.request_id)
+            with self._ready:
+                self._pending.extend(msgs)
+                self._ready.notify_all()
+
+    def _wait_for_urgent(self, request_ids: set[str]) -> None:
+        """Block until the urgent events of these requests are encoded (they were offered first)."""
+        while not self._stop.is_set():
+            with self._state:
+                if not any(self._urgent_left.get(r, 0) for r in request_ids):
+                    return
+            time.sleep(0.001)
+
+    def _stream(self, resend: list[pb.IngestMessage], done: threading.Event) -> Iterator[pb.IngestMessage]:
+        """One Ingest stream's messages. gRPC pulls them on its own thread and stops pulling when the call
+        fails, without telling the generator: ``done`` (set by ``_run`` when the call ends) makes it stop,
+        and encoded messages it could not hand over wait in ``_pending`` for the next stream (only the one
+        being sent when the call failed can be lost)."""
         yield from resend
         last = self.plugin_stats()
         yield last
@@ -269,39 +361,9 @@ class FrameSender:
                 if current != last:
                     last = current
                     yield current
-            try:
-                batch = [self._q.get(timeout=0.2)]
-            except queue.Empty:
-                continue
-            # Gather what arrives within BATCH_WAIT_S: rows encoded together share one read of the
-            # transcoder's weights, which is most of the cost of a few rows. A last-prompt row does not
-            # wait: the sidecar's prefill forecast is only useful before the answer is generated, so a
-            # batch holding one takes what is already queued and goes.
-            urgent = _urgent(batch[0])
-            until = time.monotonic() + BATCH_WAIT_S
-            with contextlib.suppress(queue.Empty):
-                while len(batch) < MAX_BATCH and not done.is_set():
-                    if urgent:
-                        ev = self._q.get_nowait()
-                    elif (left := until - time.monotonic()) > 0:
-                        ev = self._q.get(timeout=left)
-                    else:
-                        break
-                    batch.append(ev)
-                    urgent = urgent or _urgent(ev)
-            try:
-                msgs = self._messages(batch)
-            except Exception as e:  # one bad batch must not stop the stream
-                self.stats.encode_errors += len(batch)
-                logger.warning(
-                    "residue sender: could not encode %d events (%s: %s)", len(batch), type(e).__name__, e
-                )
-                msgs = []
-            finally:
-                for _ in batch:
-                    self._q.task_done()
-            with self._pending_lock:
-                self._pending.extend(msgs)
+            with self._ready:
+                if not self._pending:
+                    self._ready.wait(0.2)
 
     def _next_pending(self) -> pb.IngestMessage | None:
         with self._pending_lock:
@@ -329,7 +391,9 @@ class FrameSender:
             done = threading.Event()
             try:
                 stub = pb_grpc.ResidueServiceStub(channel)
-                stub.Ingest(self._stream(list(self._open.values()), done), metadata=self._metadata)
+                with self._state:
+                    resend = list(self._open.values())
+                stub.Ingest(self._stream(resend, done), metadata=self._metadata)
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 if self.stats.messages_sent > sent_before:

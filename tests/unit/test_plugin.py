@@ -3,7 +3,6 @@ bounded queue and the drop report. (The plugin inside a real vLLM server: tests/
 
 from __future__ import annotations
 
-import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +19,7 @@ from residue_monitor.service.plugin.capture import (
     EndEvent,
     LiveCapture,
     RowEvent,
+    StartEvent,
     external_request_id,
     sampled_request,
 )
@@ -136,30 +136,34 @@ def _row(phase: str, rid: str = "r") -> RowEvent:
     return RowEvent(rid, 5, phase, z, z, None, None, torch.zeros(3), 0, 1.0)  # type: ignore[arg-type]
 
 
-def test_a_last_prompt_row_is_sent_without_waiting_for_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows are batched for up to BATCH_WAIT_S (here 60 s), except that a batch holding a PROMPT_LAST row
-    goes at once with what is queued: a decode row waiting in a batch leaves as soon as a prompt row joins
-    it (the sidecar's prefill forecast needs that row before the answer is generated)."""
+def test_starts_and_last_prompt_rows_skip_the_batch_and_keep_request_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows are batched for up to BATCH_WAIT_S (here 60 s), but a request start and a last-prompt row go
+    through the urgent encoder at once (the sidecar's prefill forecast needs them before the answer is
+    generated), and a request's end is never encoded before its urgent events."""
     monkeypatch.setattr(sender_mod, "BATCH_WAIT_S", 60.0)
     builder: Any = SimpleNamespace(model="m", clt_id="c")
     s = FrameSender(builder, "127.0.0.1:1", queue_size=16)
-    batches: list[list[str]] = []
 
-    def encode(evs: list[Any]) -> list[pb.IngestMessage]:
-        batches.append([e.phase for e in evs])
-        return [pb.IngestMessage(end=pb.RequestEnd(request_id=e.request_id)) for e in evs]
+    def encode(evs: list[Any]) -> list[pb.IngestMessage]:  # no transcoder here: one message per event
+        return [pb.IngestMessage(end=pb.RequestEnd(request_id=f"{e.request_id}:{type(e).__name__}:"
+                                                   f"{getattr(e, 'phase', '')}")) for e in evs]  # fmt: skip
 
-    s._messages = encode  # type: ignore[method-assign]  # no transcoder here: count the batches instead
-    done = threading.Event()
-    stream = s._stream([], done)
-    assert next(stream).WhichOneof("kind") == "plugin_stats"
-    s.offer(_row("decode", "a"))
-    threading.Timer(0.3, lambda: (s.offer(_row("prompt_last", "b")), s.offer(_row("decode", "c")))).start()
-    t0 = time.monotonic()
-    first = next(stream)
-    assert time.monotonic() - t0 < 30, "the batch waited for BATCH_WAIT_S despite its prompt row"
-    assert first.end.request_id == "a" and batches[0][:2] == ["decode", "prompt_last"]
-    done.set()
+    s._messages = encode  # type: ignore[method-assign]
+    for t in s._encoders:  # the encoders only: no gRPC stream in a unit test
+        t.start()
+    try:
+        assert s.offer(_row("decode", "a"))  # waits in the batch encoder for 60 s
+        assert s.offer(StartEvent("b", 3, 0, 0.0))
+        assert s.offer(_row("prompt_last", "b"))
+        deadline = time.monotonic() + 20
+        while len(s._pending) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sent = [m.end.request_id for m in s._pending]
+        assert sent == ["b:StartEvent:", "b:RowEvent:prompt_last"], sent  # "a" still batching
+    finally:
+        s._stop.set()
 
 
 def test_vllm_command_with_and_without_capture() -> None:
