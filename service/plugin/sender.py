@@ -106,7 +106,8 @@ class FrameSender:
         """Rows and ends, for the batch encoder."""
         self._urgent: queue.Queue[Event] = queue.Queue(maxsize=queue_size)
         """Starts and last-prompt rows, for the urgent encoder."""
-        self._max_pending = 2 * queue_size
+        self._max_pending = MAX_BATCH
+        """Encoded messages the stream has not taken yet; past it the encoders stop taking events."""
         self.instance_id = uuid.uuid4().hex
         self.capture_counters: Callable[[], tuple[int, float, int]] = lambda: (0, 0.0, 0)
         """The capture's (hook errors, seconds in hooks, planned steps), reported with the sender's drops."""
