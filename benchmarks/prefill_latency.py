@@ -39,13 +39,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deploy.grafana.livecheck import serve_sidecar
 from examples.forecast_gateway import OpenAIStream, SidecarForecasts, chunk_tokens_so_far
 from residue_monitor.detectors.clt.io import load_clt
 from residue_monitor.detectors.clt.model import CrossLayerTranscoder
-from residue_monitor.detectors.forecast import PrefillForecast, prefill_names, save_forecast
+from residue_monitor.detectors.forecast import random_forecast, save_forecast
 from residue_monitor.service.engine import default_forecast_path
 from residue_monitor.service.models import PreparedModel, prepare_smollm2, resolve_model
 from residue_monitor.service.plugin.launch import VllmServer, free_port, vllm_command
@@ -68,15 +66,6 @@ class Sample:
     second_token: float | None
     reason: str
     """Why there is no forecast (empty when there is one)."""
-
-
-def random_forecast(model: str, clt: CrossLayerTranscoder, seed: int = 0) -> PrefillForecast:
-    """A forecast of the right shape for ``clt`` with random weights (scoring costs the same)."""
-    d = len(prefill_names(clt.cfg.n_layers, True))
-    rng = np.random.default_rng(seed)
-    return PrefillForecast(model=model, clt_id=clt.clt_id(), n_layers=clt.cfg.n_layers, with_logits=True,
-                           mean=np.zeros(d), scale=np.ones(d), weights=0.01 * rng.normal(size=d), bias=0.0,
-                           platt_a=1.0, platt_b=0.0, threshold=0.5, target_fpr=0.05)  # fmt: skip
 
 
 def _one(url: str, model: str, ids: list[int], sidecar: SidecarForecasts, poll_s: float) -> Sample:
@@ -148,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     if not fc_path.is_file():
         if args.forecast is not None:
             raise SystemExit(f"--forecast {args.forecast}: no such file")
-        fc_path = save_forecast(work / "random-forecast.json", random_forecast(model.name, clt))
+        fc_path = save_forecast(
+            work / "random-forecast.json",
+            random_forecast(model.name, clt.clt_id(), clt.cfg.n_layers, scale=0.01),
+        )
         label = "random-weights"
         print(f"no forecast artifact for CLT {clt.clt_id()}: using random weights (latency does not depend "
               "on them)", flush=True)  # fmt: skip

@@ -236,6 +236,37 @@ class PrefillForecast:
         return fc
 
 
+def random_forecast(
+    model: str,
+    clt_id: str,
+    n_layers: int,
+    *,
+    threshold: float = 0.5,
+    seed: int = 0,
+    scale: float = 0.3,
+    mean: F64 | None = None,
+) -> PrefillForecast:
+    """A forecast of the right shape (with logit statistics) whose weights are random normal × ``scale``:
+    what it predicts means nothing. For plumbing tests and latency measurements, where only the shape and
+    the cost of scoring matter; ``mean``: the inputs' centre (default 0)."""
+    d = len(prefill_names(n_layers, True))
+    rng = np.random.default_rng(seed)
+    return PrefillForecast(
+        model=model,
+        clt_id=clt_id,
+        n_layers=n_layers,
+        with_logits=True,
+        mean=np.zeros(d) if mean is None else np.asarray(mean, dtype=np.float64),
+        scale=np.ones(d),
+        weights=scale * rng.normal(size=d),
+        bias=0.0,
+        platt_a=1.0,
+        platt_b=0.0,
+        threshold=threshold,
+        target_fpr=0.05,
+    )
+
+
 def save_forecast(path: Path, fc: PrefillForecast) -> Path:
     """Write the artifact as JSON (a temp file, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from residue_monitor.detectors import forecast
 from residue_monitor.detectors.capture import Phase
 from residue_monitor.detectors.clt.io import save_clt
 from residue_monitor.detectors.clt.model import CLTConfig, CrossLayerTranscoder, random_clt
-from residue_monitor.detectors.forecast import PrefillForecast, prefill_names
+from residue_monitor.detectors.forecast import PrefillForecast
 from residue_monitor.detectors.signature import (
     ERROR_RATIO,
     SPAN_LEN_COL,
@@ -207,25 +208,10 @@ def jittered_family(
 def random_forecast(
     clt: CrossLayerTranscoder, threshold: float, seed: int = 0, **fields: object
 ) -> PrefillForecast:
-    """A prefill forecast for ``clt`` with random weights (plumbing tests: what it predicts does not
-    matter, only that the sidecar applies it); ``fields`` override any artifact field."""
-    d = len(prefill_names(clt.n_layers, True))
-    rng = np.random.default_rng(seed)
-    base: dict[str, object] = {
-        "model": "tiny",
-        "clt_id": clt.clt_id(),
-        "n_layers": clt.n_layers,
-        "with_logits": True,
-        "mean": np.zeros(d),
-        "scale": np.ones(d),
-        "weights": rng.normal(0, 0.3, d),
-        "bias": 0.0,
-        "platt_a": 1.0,
-        "platt_b": 0.0,
-        "threshold": threshold,
-        "target_fpr": 0.05,
-    }
-    return PrefillForecast(**(base | fields))  # type: ignore[arg-type]
+    """A random-weight prefill forecast for ``clt`` (``detectors.forecast.random_forecast``: plumbing tests,
+    what it predicts does not matter); ``fields`` override any artifact field."""
+    fc = forecast.random_forecast("tiny", clt.clt_id(), clt.n_layers, threshold=threshold, seed=seed)
+    return replace(fc, **fields)  # type: ignore[arg-type]
 
 
 def prompt_row(msgs: Sequence[pb.IngestMessage], clt: CrossLayerTranscoder) -> RowSignature:

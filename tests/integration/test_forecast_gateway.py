@@ -31,7 +31,7 @@ import pytest
 
 from examples import forecast_gateway as gw
 from residue_monitor.detectors.clt.io import load_clt
-from residue_monitor.detectors.forecast import PrefillForecast, prefill_names, prefill_row, prefill_vector
+from residue_monitor.detectors.forecast import PrefillForecast, prefill_row, prefill_vector, random_forecast
 from residue_monitor.detectors.forecast import save_forecast as save_fc
 from residue_monitor.detectors.request import GenerationConfig, analyze_prompt
 from residue_monitor.detectors.signature import SignatureBuilder
@@ -292,16 +292,10 @@ PROMPTS = [
 def _random_forecast(vectors: np.ndarray, clt_id: str, n_layers: int, model: str) -> PrefillForecast:
     """Random weights on inputs centred on these prompts' vectors, scaled so logits spread around 0;
     threshold in the widest gap between the probabilities (≥ 2 prompts on each side)."""
-    rng = np.random.default_rng(3)
-    d = len(prefill_names(n_layers, True))
-    assert vectors.shape[1] == d
-    mean = vectors.mean(0)
-    w = rng.normal(size=d)
-    z = (vectors - mean) @ w
-    w *= 2.0 / max(float(z.std()), 1e-9)
-    fc = PrefillForecast(model=model, clt_id=clt_id, n_layers=n_layers, with_logits=True, mean=mean,
-                         scale=np.ones(d), weights=w, bias=0.0, platt_a=1.0, platt_b=0.0, threshold=1.0,
-                         target_fpr=0.05)  # fmt: skip
+    fc = random_forecast(model, clt_id, n_layers, threshold=1.0, seed=3, scale=1.0, mean=vectors.mean(0))
+    assert vectors.shape[1] == fc.mean.size
+    z = (vectors - fc.mean) @ fc.weights
+    fc = replace(fc, weights=fc.weights * 2.0 / max(float(z.std()), 1e-9))
     p = np.sort(fc.probability(vectors))
     gaps = p[2:-1] - p[1:-2]  # between p[i] and p[i+1] for i = 1 … n-3: ≥ 2 below, ≥ 2 above
     i = int(np.argmax(gaps)) + 1
