@@ -118,41 +118,35 @@ def provisional_record(start: Start, frame: Frame, f: ForecastResult) -> pb.Resi
     return r
 
 
-def forecast_flag(start: Start, f: ForecastResult, now: float) -> pb.FlagEvent:
-    """The FlagEvent of a forecast that crossed its threshold (``flag`` = "prefill_forecast")."""
-    assert f.probability is not None
+def _flag_event(
+    start: Start, flag: str, score: float, threshold: float, now: float, fingerprint: str = ""
+) -> pb.FlagEvent:
+    """A FlagEvent of the request ``start`` opened, stamped ``now`` (Unix seconds)."""
     ev = pb.FlagEvent(
         request_id=start.request_id,
         model=start.model,
         tenant=start.tenant,
-        flag=FLAG_NAME,
-        score=f.probability,
-        threshold=f.threshold,
+        flag=flag,
+        fingerprint=fingerprint,
+        score=score,
+        threshold=threshold,
         clt_id=start.clt_id,
     )
     _set_time(ev.time, now)
     return ev
 
 
+def forecast_flag(start: Start, f: ForecastResult, now: float) -> pb.FlagEvent:
+    """The FlagEvent of a forecast that crossed its threshold (``flag`` = "prefill_forecast")."""
+    assert f.probability is not None
+    return _flag_event(start, FLAG_NAME, f.probability, f.threshold, now)
+
+
 def flag_protos(o: Outcome, now: float) -> list[pb.FlagEvent]:
     """One FlagEvent per matched fingerprint, stamped ``now`` (Unix seconds). The prefill forecast's flag
     is not among them: it was raised live, when the forecast was made (``forecast_flag``)."""
     s = o.request.start
-    events = []
-    for m in o.flags:
-        ev = pb.FlagEvent(
-            request_id=s.request_id,
-            model=s.model,
-            tenant=s.tenant,
-            flag=m.name,
-            fingerprint=m.name,
-            score=m.score,
-            threshold=m.threshold,
-            clt_id=s.clt_id,
-        )
-        _set_time(ev.time, now)
-        events.append(ev)
-    return events
+    return [_flag_event(s, m.name, m.score, m.threshold, now, fingerprint=m.name) for m in o.flags]
 
 
 def fingerprint_protos(scorers: Iterable[Scorer], model: str = "") -> pb.ListFingerprintsResponse:
