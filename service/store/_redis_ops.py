@@ -22,6 +22,11 @@ from residue_monitor.service.store.base import PageCursor, RecordFilter
 SCAN_BATCH = 64
 TMP_TTL_MS = 60_000
 PRUNE_BATCH = 1000
+INDEX_TTL_SLACK_S = 60.0
+"""Indexes outlive the records they hold by this much, so each index's TTL needs refreshing at most this
+often (a PEXPIRE per touched index per record was a third of a record write's commands)."""
+MAX_REFRESHED = 10_000
+"""Index keys whose last TTL refresh is remembered (past it, memory starts over: more refreshes, no harm)."""
 # Indexes are pruned by this process's wall clock, records expire by Redis's: prune a little late so
 # clock skew between sidecars can never hide a live record.
 CLOCK_SLACK_S = 5.0
@@ -55,8 +60,20 @@ def prune_keys(tenant: str) -> list[str]:
     return [key(tenant, "idx", "exp"), key(tenant, "idx", "time"), key(tenant, "idx", "flagged")]
 
 
-async def write_records(client: aioredis.Redis, writes: list[PendingRecord], ttl_ms: int) -> None:
-    """SET each record with PX and update its indexes; one MULTI per tenant (one slot each)."""
+async def write_records(
+    client: aioredis.Redis,
+    writes: list[PendingRecord],
+    ttl_ms: int,
+    refreshed: dict[str, float] | None = None,
+) -> None:
+    """SET each record with PX and update its indexes; one MULTI per tenant (one slot each).
+
+    Every index a record touches gets a TTL of ``ttl_ms`` + ``INDEX_TTL_SLACK_S``, so an index nobody
+    writes to any more vanishes after its records. ``refreshed`` (index key → monotonic time of its last
+    refresh, kept by the caller) skips refreshing an index refreshed less than the slack ago: it then still
+    outlives every record in it."""
+    now = time.monotonic()
+    index_ttl_ms = ttl_ms + round(INDEX_TTL_SLACK_S * 1000)
     for tenant, group in itertools.groupby(sorted(writes, key=lambda w: w.tenant), key=lambda w: w.tenant):
         pipe = client.pipeline(transaction=True)
         expiry = time.time() + ttl_ms / 1000
@@ -76,10 +93,15 @@ async def write_records(client: aioredis.Redis, writes: list[PendingRecord], ttl
             for fp, score in w.scores:
                 touched.add(key(tenant, "idx", "fp", fp))
                 pipe.zadd(key(tenant, "idx", "fp", fp), {w.request_id: score})
-        # Refreshing every touched index's TTL lets an index nobody writes to vanish with its records.
-        for k in sorted(touched):
-            pipe.pexpire(k, ttl_ms)
+        last = refreshed or {}
+        due = sorted(k for k in touched if now - last.get(k, -INDEX_TTL_SLACK_S) >= INDEX_TTL_SLACK_S)
+        for k in due:
+            pipe.pexpire(k, index_ttl_ms)
         await pipe.execute()
+        if refreshed is not None:
+            if len(refreshed) + len(due) > MAX_REFRESHED:
+                refreshed.clear()
+            refreshed.update(dict.fromkeys(due, now))
 
 
 async def write_flags(

@@ -25,6 +25,7 @@ _ENV = {
     "max_records": "RESIDUE_STORE_MAX_RECORDS",
     "flags_maxlen": "RESIDUE_FLAGS_MAXLEN",
     "backlog_max": "RESIDUE_STORE_BACKLOG",
+    "redis_max_connections": "RESIDUE_REDIS_MAX_CONNECTIONS",
 }
 
 
@@ -42,11 +43,14 @@ class StoreConfig:
     """``RESIDUE_FLAGS_MAXLEN``: flag events kept per tenant (Redis trims approximately)."""
     backlog_max: int = 10_000
     """``RESIDUE_STORE_BACKLOG``: records (and, separately, flag events) buffered while Redis is down."""
+    redis_max_connections: int = 64
+    """``RESIDUE_REDIS_MAX_CONNECTIONS``: connections to Redis at most; further commands wait for a free one
+    (each blocking WatchFlags tail holds one while it waits)."""
 
     def __post_init__(self) -> None:
         if not self.ttl_s > 0:
             raise InvalidInput(f"{_ENV['ttl_s']} must be a positive number of seconds, got {self.ttl_s}")
-        for name in ("max_records", "flags_maxlen", "backlog_max"):
+        for name in ("max_records", "flags_maxlen", "backlog_max", "redis_max_connections"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{_ENV[name]} must be an integer >= 1, got {getattr(self, name)}")
 
@@ -74,7 +78,11 @@ def store_from_config(cfg: StoreConfig) -> Store:
     if cfg.redis_url:
         logger.info("residue store: Redis at %s", redact_url(cfg.redis_url))
         return RedisStore.from_url(
-            cfg.redis_url, ttl_s=cfg.ttl_s, flags_maxlen=cfg.flags_maxlen, backlog_max=cfg.backlog_max
+            cfg.redis_url,
+            ttl_s=cfg.ttl_s,
+            flags_maxlen=cfg.flags_maxlen,
+            backlog_max=cfg.backlog_max,
+            max_connections=cfg.redis_max_connections,
         )
     logger.info("residue store: in memory (no REDIS_URL), at most %d records", cfg.max_records)
     return MemoryStore(max_records=cfg.max_records, ttl_s=cfg.ttl_s, flags_maxlen=cfg.flags_maxlen)

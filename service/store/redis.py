@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 # builtin TimeoutError is an OSError). Any other RedisError is the server refusing the command.
 _DOWN_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 _FLUSH_BATCH = 200
+_GROUP_MAX = 256
+"""Records written in one group commit at most."""
 
 
 def redact_url(url: str) -> str:
@@ -108,15 +110,29 @@ class RedisStore:
         self._reconnector: asyncio.Task[None] | None = None
         self._written = self._flags_written = self._errors = 0
         self._available = True
+        self._refreshed: dict[str, float] = {}
+        """Index key → when this store last refreshed its TTL (``ops.write_records``)."""
+        self._group: list[tuple[PendingRecord, asyncio.Future[None]]] = []
+        """Records waiting for the next group commit, with the futures their writers wait on."""
+        self._committer: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(
-        cls, url: str, *, connect_timeout_s: float = 2.0, socket_timeout_s: float = 10.0, **kwargs: Any
+        cls,
+        url: str,
+        *,
+        connect_timeout_s: float = 2.0,
+        socket_timeout_s: float = 10.0,
+        max_connections: int = 64,
+        **kwargs: Any,
     ) -> RedisStore:
         """A store for ``redis://[user:password@]host:port/db`` or ``rediss://…`` (TLS).
 
         ``socket_timeout_s`` must exceed ``MAX_BLOCK_S`` so a blocking ``flags_since`` is not cut off;
-        ``kwargs`` go to ``__init__``. Nothing is contacted until the first call.
+        at most ``max_connections`` connections are open, and a command that finds them all busy waits
+        up to ``socket_timeout_s`` for one (redis-py's default pool instead fails it with "Too many
+        connections", which would pass for an outage); ``kwargs`` go to ``__init__``. Nothing is
+        contacted until the first call.
         """
         scheme = urlsplit(url).scheme
         if scheme not in ("redis", "rediss"):
@@ -125,8 +141,12 @@ class RedisStore:
             )
         if socket_timeout_s <= MAX_BLOCK_S:
             raise InvalidInput(f"socket_timeout_s must exceed {MAX_BLOCK_S} s, got {socket_timeout_s}")
-        client = aioredis.Redis.from_url(
+        if max_connections < 1:
+            raise InvalidInput(f"max_connections must be at least 1, got {max_connections}")
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=socket_timeout_s,
             decode_responses=False,
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=socket_timeout_s,
@@ -134,7 +154,7 @@ class RedisStore:
             # delay the switch to the backlog (redis-py's default backs off for seconds).
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
         )
-        return cls(client, where=redact_url(url), **kwargs)
+        return cls(aioredis.Redis.from_pool(pool), where=redact_url(url), **kwargs)
 
     # ---- records ---------------------------------------------------------------------------------
 
@@ -152,11 +172,45 @@ class RedisStore:
         if self._backlog:
             self._buffer(self._backlog.add_record(w))
             return
-        async with self._writing("record write") as down:
-            await ops.write_records(self._r, [w], self._ttl_ms)
-            self._written += 1
-        if down:
-            self._buffer(self._backlog.add_record(w))
+        # Group commit: records put while a write is in flight go out together in the next transaction,
+        # one round trip and one set of index TTL refreshes for all of them (ingest finishes many requests
+        # per round trip under load). The caller still returns only once its record is written.
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._group.append((w, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.get_running_loop().create_task(self._commit_groups())
+        await asyncio.shield(done)
+
+    async def _commit_groups(self) -> None:
+        """Write the waiting records, a group at a time, until none wait; settle each writer's future."""
+        while self._group:
+            group, self._group = self._group[:_GROUP_MAX], self._group[_GROUP_MAX:]
+            batch = [w for w, _ in group]
+            error: BaseException | None = None
+            try:
+                if self._backlog:  # an outage began while this group waited: keep the order
+                    for w in batch:
+                        self._buffer(self._backlog.add_record(w))
+                else:
+                    async with self._writing("record write") as down:
+                        await ops.write_records(self._r, batch, self._ttl_ms, self._refreshed)
+                        self._written += len(batch)
+                    if down:
+                        for w in batch:
+                            self._buffer(self._backlog.add_record(w))
+            except BaseException as e:  # StoreUnavailable (refused), or cancelled at close
+                error = e
+            for _, fut in group:
+                if fut.done():
+                    continue
+                if error is None:
+                    fut.set_result(None)
+                elif isinstance(error, Exception):
+                    fut.set_exception(error)
+                else:
+                    fut.cancel()
+            if error is not None and not isinstance(error, Exception):
+                raise error
 
     async def get_record(self, request_id: str, tenant: str = "") -> pb.ResidueRecord:
         """The stored record; ``NotFound`` if absent or expired, ``StoreUnavailable`` if Redis is down."""
@@ -254,7 +308,11 @@ class RedisStore:
         )
 
     async def close(self) -> None:
-        """Stop the reconnect task, try one last flush (2 s at most), close the connection pool."""
+        """Finish the group commit in flight, stop the reconnect task, try one last flush (2 s at most),
+        close the connection pool."""
+        if self._committer is not None:
+            with contextlib.suppress(Exception):  # its writers were told
+                await self._committer
         if self._reconnector is not None:
             self._reconnector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -277,7 +335,7 @@ class RedisStore:
         """Write the backlog out, oldest first; raises (leaving the rest queued) if Redis fails again."""
         async with self._flush_lock:
             while batch := self._backlog.record_batch(_FLUSH_BATCH):
-                await ops.write_records(self._r, batch, self._ttl_ms)
+                await ops.write_records(self._r, batch, self._ttl_ms, self._refreshed)
                 self._backlog.records_done(batch)
                 self._written += len(batch)
             while events := self._backlog.flag_batch(_FLUSH_BATCH):

@@ -451,3 +451,35 @@ async def test_store_from_env() -> None:
         StoreConfig.from_env({"RESIDUE_STORE_TTL_S": "-1"})
     with pytest.raises(InvalidInput, match="RESIDUE_FLAGS_MAXLEN"):
         StoreConfig.from_env({"RESIDUE_FLAGS_MAXLEN": "many"})
+
+
+@pytest.mark.redis
+async def test_redis_group_commit_writes_concurrent_puts_together(redis_server: RedisServer) -> None:
+    """Records put while a write is in flight go out in one transaction (group commit): 200 concurrent
+    puts take far fewer MULTI/EXECs than records, and each put returns only once its record is readable.
+    Every index outlives the records in it, and an index's TTL is refreshed once, not once per record.
+    The 200 concurrent reads exceed redis-py's default pool (100 connections, then "Too many connections",
+    which the store would take for an outage): the store's pool makes them wait for a connection instead."""
+    redis_server.flushall()
+    store = RedisStore.from_url(redis_server.url, ttl_s=600)
+    try:
+        with redis_server.client() as client:
+            client.config_resetstat()
+
+            async def put(i: int) -> str:
+                flags = ("fp-a",) if i >= 100 else ()
+                await store.put_record(rec(f"g{i}", T0 + i, fps={"fp-a": i / 200}, flags=flags))
+                return (await store.get_record(f"g{i}")).request_id  # readable once put returned
+
+            assert await asyncio.gather(*(put(i) for i in range(200))) == [f"g{i}" for i in range(200)]
+            execs = int(client.info("commandstats")["cmdstat_exec"]["calls"])
+            pexpires = int(client.info("commandstats")["cmdstat_pexpire"]["calls"])
+            assert execs < 50, execs
+            assert pexpires == 5, pexpires  # time, exp, flagged, model, fp-a: once each
+            record_ttl = client.pttl("residue:{-}:req:g199")
+            for index in ("time", "exp", "flagged", "model:smollm2", "fp:fp-a"):
+                assert client.pttl(f"residue:{{-}}:idx:{index}") > record_ttl
+        page, _ = await store.query(RecordFilter(fingerprint="fp-a", min_score=0.5), page_size=500)
+        assert len(page) == 100
+    finally:
+        await store.close()
