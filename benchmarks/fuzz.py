@@ -4,8 +4,9 @@
 
 Generated messages, sent as raw bytes so nothing on the client side can sanitise them:
 
-* mutations of valid messages (real tiny-model frames, requests for every RPC): bytes flipped, cut,
-  duplicated, spliced from another message; a varint length pointing past the end;
+* mutations of valid messages (real tiny-model frames, whole requests in one IngestBatch, a batch in a
+  batch, requests for every RPC): bytes flipped, cut, duplicated, spliced from another message; a varint
+  length pointing past the end;
 * crafted messages: NaN / inf / negative values in packed arrays and statistics, ids past the transcoder,
   giant repeated fields (100k head entries, 1 MB of feature ids), invalid UTF-8 in string fields, 2 kB
   request ids, page sizes of 2³², page tokens of random bytes (deep pagination), unknown enum values;
@@ -107,6 +108,10 @@ def _crafted_frames(rng: random.Random, valid_frame: pb.IngestMessage) -> list[p
 def corpus(requests: Sequence[Sequence[pb.IngestMessage]]) -> dict[str, list[bytes]]:
     """Valid serialized messages per RPC, the seeds of every mutation."""
     ingest = [m.SerializeToString() for r in requests for m in r]
+    # Batches as the plugin sends them (a whole request in one), and a batch holding a batch.
+    batches = [pb.IngestMessage(batch=pb.IngestBatch(messages=list(r))) for r in requests]
+    ingest += [b.SerializeToString() for b in batches]
+    ingest.append(pb.IngestMessage(batch=pb.IngestBatch(messages=batches[:2])).SerializeToString())
     return {
         "Ingest": ingest,
         "GetResidue": [

@@ -2,13 +2,15 @@
 server and RedisStore → benchmarks/results/ingest.json.
 
     python -m benchmarks.ingest [--frames 200000] [--records 100000] [--redis-url URL] [--heads]
-                                [--fingerprints FILE] [--per-layer]
+                                [--fingerprints FILE] [--per-layer] [--batch 64]
 
 Frames are SmolLM2-sized (30 layers × top-32 of 1536 features, 8 frames a request: PROMPT_LAST, 6 DECODE,
 FINAL) with synthetic but well-formed values; ``--heads`` adds 9 HeadStats per layer as the plugin will.
 The load comes from a separate client process over loopback, sending pre-serialized messages on one
-Ingest stream (one plugin worker). Redis is the local one on 127.0.0.1:6379 when it answers, else a
-private redis-server; everything is written under a throw-away tenant that is deleted afterwards.
+Ingest stream (one plugin worker), ``--batch`` of them to an IngestBatch as the plugin's sender sends what
+has queued up under load (``--batch 1``: one stream message each). Redis is the local one on
+127.0.0.1:6379 when it answers, else a private redis-server; everything is written under a throw-away
+tenant that is deleted afterwards.
 GetResidue latency is measured sequentially, from the client process, over ``--records`` stored records.
 Every request is scored as in production: the residue detectors, ``prompt_error_ratio`` and the
 fingerprints of ``--fingerprints`` (default: the SmolLM2 fingerprints ``residue shells run`` wrote, when
@@ -103,9 +105,10 @@ def _pack(layers: list[Any], heads: list[Any]) -> Any:
 
 
 def _ingest_client(
-    addr: str, n_requests: int, tenant: str, heads: bool, clt_id: str, packed: bool, out: Any
+    addr: str, n_requests: int, tenant: str, heads: bool, clt_id: str, packed: bool, batch: int, out: Any
 ) -> None:
-    """Client process: build the messages, then time one Ingest stream carrying all of them."""
+    """Client process: build the messages, then time one Ingest stream carrying all of them, ``batch`` to a
+    stream message (an IngestBatch, as the plugin's sender sends what is pending; 1: one by one)."""
     import grpc
 
     from residue_monitor.service._proto import residue_pb2 as pb
@@ -115,6 +118,9 @@ def _ingest_client(
     msgs: list[bytes] = []
     for i in range(n_requests):
         msgs += _renamed(template[i % len(template)], f"bench-{i}")
+    n_messages = len(msgs)
+    if batch > 1:
+        msgs = [_batched(msgs[i : i + batch]) for i in range(0, len(msgs), batch)]
     with grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         ingest = ch.stream_unary(
             INGEST, request_serializer=None, response_deserializer=pb.IngestSummary.FromString
@@ -122,7 +128,23 @@ def _ingest_client(
         t0 = time.perf_counter()
         summary = ingest(iter(msgs))
         elapsed = time.perf_counter() - t0
-    out.put((elapsed, summary.frames_accepted, summary.requests_ended, sum(map(len, msgs)) / len(msgs)))
+    out.put((elapsed, summary.frames_accepted, summary.requests_ended, sum(map(len, msgs)) / n_messages))
+
+
+def _batched(raw: list[bytes]) -> bytes:
+    """Serialized messages as one serialized IngestMessage(batch=…), without parsing them: field 5 of
+    IngestMessage wraps an IngestBatch whose field 1 repeats each message (protobuf's wire format)."""
+    body = b"".join(b"\x0a" + _varint(len(m)) + m for m in raw)
+    return b"\x2a" + _varint(len(body)) + body
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def _renamed(request: list[bytes], rid: str) -> list[bytes]:
@@ -216,8 +238,9 @@ async def _bench(args: argparse.Namespace, url: str, tenant: str) -> dict[str, A
     n_requests = max(1, args.frames // FRAMES_PER_REQUEST)
     try:
         elapsed, frames, ended, msg_bytes = await asyncio.to_thread(
-            _run_client, _ingest_client, addr, n_requests, tenant, args.heads, clt_id, not args.per_layer
-        )
+            _run_client, _ingest_client, addr, n_requests, tenant, args.heads, clt_id, not args.per_layer,
+            args.batch,
+        )  # fmt: skip
         assert ended == n_requests, (ended, n_requests)
         template = await store.get_record("bench-0", tenant)
         ids = [f"bench-{i}" for i in range(n_requests)]
@@ -260,6 +283,7 @@ async def _bench(args: argparse.Namespace, url: str, tenant: str) -> dict[str, A
         "redis": url.rsplit("@", maxsplit=1)[-1],
         "scorers": list(sidecar.scorers.names()),
         "frame_form": "per-layer LayerResidue" if args.per_layer else "PackedResidue",
+        "messages_per_batch": args.batch,
         "fingerprints": len(fps),
     }
 
@@ -290,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-url", default="", help="default: 127.0.0.1:6379 if it answers, else private")
     ap.add_argument("--per-layer", action="store_true", help="send LayerResidue messages, not PackedResidue")
     ap.add_argument("--fingerprints", type=Path, default=None, help="default: SmolLM2's, when present")
+    ap.add_argument(
+        "--batch", type=int, default=64, help="messages per IngestBatch (the plugin's SEND_BATCH); 1: none"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
     args = ap.parse_args(argv)
     if args.fingerprints is None:

@@ -64,16 +64,24 @@ TARGET_KIND_TOKEN: TargetKind
 TARGET_KIND_CONTRAST: TargetKind
 
 class IngestMessage(_message.Message):
-    __slots__ = ("start", "frame", "end", "plugin_stats")
+    __slots__ = ("start", "frame", "end", "plugin_stats", "batch")
     START_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_STATS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     start: RequestStart
     frame: ResidueFrame
     end: RequestEnd
     plugin_stats: PluginStats
-    def __init__(self, start: _Optional[_Union[RequestStart, _Mapping]] = ..., frame: _Optional[_Union[ResidueFrame, _Mapping]] = ..., end: _Optional[_Union[RequestEnd, _Mapping]] = ..., plugin_stats: _Optional[_Union[PluginStats, _Mapping]] = ...) -> None: ...
+    batch: IngestBatch
+    def __init__(self, start: _Optional[_Union[RequestStart, _Mapping]] = ..., frame: _Optional[_Union[ResidueFrame, _Mapping]] = ..., end: _Optional[_Union[RequestEnd, _Mapping]] = ..., plugin_stats: _Optional[_Union[PluginStats, _Mapping]] = ..., batch: _Optional[_Union[IngestBatch, _Mapping]] = ...) -> None: ...
+
+class IngestBatch(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[IngestMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[IngestMessage, _Mapping]]] = ...) -> None: ...
 
 class PluginStats(_message.Message):
     __slots__ = ("instance_id", "queue_full", "hook_errors", "send_errors", "capture_seconds", "captured_steps")

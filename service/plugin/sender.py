@@ -12,7 +12,8 @@ dropped and counted. Two encoder threads:
   sees start → prompt row → … → end.
 
 Encoded messages wait in a bounded list for the stream; when it is full the encoders stop taking events
-and the queues fill (then new events are dropped and counted). The stream keeps one client stream open;
+and the queues fill (then new events are dropped and counted). The stream sends what is waiting as one
+``IngestBatch`` (a single message alone). The stream keeps one client stream open;
 when the sidecar is unreachable it reconnects with exponential backoff (0.1 s → 5 s) and, on reconnect,
 first re-sends the RequestStart of every request still open, so a restarted sidecar accepts their later
 frames.
@@ -57,6 +58,8 @@ BATCH_WAIT_S = 1.0
 """How long the sender waits for more events after the first of a batch."""
 SENDER_NICE = 10
 """Scheduling niceness of the encoding thread (Linux: per thread), so vLLM's threads get the CPU first."""
+SEND_BATCH = 64
+"""Encoded messages sent together in one IngestBatch at most (fewer when fewer are pending)."""
 STATS_EVERY_S = 2.0
 """How often changed drop counters are reported to the sidecar (``PluginStats``)."""
 
@@ -338,20 +341,20 @@ class FrameSender:
     def _stream(self, resend: list[pb.IngestMessage], done: threading.Event) -> Iterator[pb.IngestMessage]:
         """One Ingest stream's messages. gRPC pulls them on its own thread and stops pulling when the call
         fails, without telling the generator: ``done`` (set by ``_run`` when the call ends) makes it stop,
-        and encoded messages it could not hand over wait in ``_pending`` for the next stream (only the one
-        being sent when the call failed can be lost)."""
+        and encoded messages it could not hand over wait in ``_pending`` for the next stream (only the
+        message or batch being sent when the call failed can be lost)."""
         yield from resend
         last = self.plugin_stats()
         yield last
         last_sweep = last_stats = time.monotonic()
         while not (self._stop.is_set() or done.is_set()):
-            while (m := self._next_pending()) is not None:
+            while batch := self._next_pending():
                 if done.is_set():
-                    self._requeue(m)
+                    self._requeue(batch)
                     return
-                self.stats.messages_sent += 1
-                self.stats.frames_sent += int(m.HasField("frame"))
-                yield m
+                self.stats.messages_sent += len(batch)
+                self.stats.frames_sent += sum(m.HasField("frame") for m in batch)
+                yield batch[0] if len(batch) == 1 else pb.IngestMessage(batch=pb.IngestBatch(messages=batch))
             now = time.monotonic()
             if self.on_idle is not None and now - last_sweep >= SWEEP_EVERY_S:
                 last_sweep = now
@@ -366,13 +369,25 @@ class FrameSender:
                 if not self._pending:
                     self._ready.wait(0.2)
 
-    def _next_pending(self) -> pb.IngestMessage | None:
+    def _next_pending(self) -> list[pb.IngestMessage]:
+        """The next stream message's worth of encoded messages: all pending, up to SEND_BATCH messages and
+        about a quarter of the message-size limit (one IngestBatch costs the sidecar about what one frame
+        does, so under load most of the per-message cost is saved)."""
+        out: list[pb.IngestMessage] = []
+        size = 0
         with self._pending_lock:
-            return self._pending.popleft() if self._pending else None
+            while self._pending and len(out) < SEND_BATCH:
+                m = self._pending[0]
+                n = m.ByteSize()
+                if out and size + n > self._max_bytes // 4:
+                    break
+                out.append(self._pending.popleft())
+                size += n
+        return out
 
-    def _requeue(self, m: pb.IngestMessage) -> None:
+    def _requeue(self, msgs: list[pb.IngestMessage]) -> None:
         with self._pending_lock:
-            self._pending.appendleft(m)
+            self._pending.extendleft(reversed(msgs))
 
     def _run(self) -> None:
         backoff = BACKOFF_MIN_S

@@ -8,7 +8,8 @@ to fix) and a RESOURCE_EXHAUSTED ends it when a bound is hit; everything accepte
 because requests live in the sidecar, not in the stream, so a plugin that reconnects continues where it
 was. The ``IngestSummary`` of a failed stream rides in the trailing metadata ``residue-ingest-summary-bin``.
 While the sidecar drains, a stream returns its summary after the message in hand, so the plugin can
-reconnect to another replica.
+reconnect to another replica. An ``IngestBatch`` is handled message by message, as if they had come one
+after another (an invalid one ends the stream; those before it stay accepted).
 
 Trace builds an attribution graph in ``TraceService``'s worker processes (``service.server.trace``): the
 handler only converts and awaits, so ingest keeps being served while a graph is built.
@@ -78,7 +79,11 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
         counts = StreamCounts()
         try:
             async for msg in request_iterator:
-                await self._pipeline.handle(msg, counts)
+                if msg.WhichOneof("kind") == "batch":
+                    for inner in msg.batch.messages:  # a nested batch is rejected by handle()
+                        await self._pipeline.handle(inner, counts)
+                else:
+                    await self._pipeline.handle(msg, counts)
                 if self._draining.is_set():
                     break
         except ResidueError:

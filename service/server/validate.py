@@ -87,8 +87,14 @@ def to_event(msg: pb.IngestMessage, limits: FrameLimits) -> Start | Frame | End:
         raise Rejected(
             R.REJECT_REASON_MALFORMED, "PluginStats is not a request event (IngestPipeline reads it)"
         )
+    if kind == "batch":
+        raise Rejected(
+            R.REJECT_REASON_MALFORMED,
+            "an IngestBatch inside an IngestBatch: send its messages in the outer batch instead",
+        )
     raise Rejected(
-        R.REJECT_REASON_EMPTY_MESSAGE, "IngestMessage has no kind: set one of start, frame, end, plugin_stats"
+        R.REJECT_REASON_EMPTY_MESSAGE,
+        "IngestMessage has no kind: set one of start, frame, end, plugin_stats, batch",
     )
 
 

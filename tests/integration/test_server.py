@@ -413,6 +413,33 @@ async def test_invalid_frames_are_rejected_without_touching_other_requests(
     assert sidecar.stats.snapshot().frames_dropped["invalid_frame"] == 1
 
 
+async def test_batched_messages_give_the_same_records_and_a_nested_batch_is_refused(
+    make_sidecar: MakeSidecar, requests: list[Messages]
+) -> None:
+    """An IngestBatch is handled as its messages one after another: the same summary and records as the
+    messages sent singly. A batch inside a batch is INVALID_ARGUMENT, and what came before it stays."""
+    single, batched = await make_sidecar(), await make_sidecar()
+    msgs = interleave(*requests[:3])
+    batches = [
+        pb.IngestMessage(batch=pb.IngestBatch(messages=msgs[i : i + 5])) for i in range(0, len(msgs), 5)
+    ]
+    async with channel(single) as ch1, channel(batched) as ch2:
+        one, many = pb_grpc.ResidueServiceStub(ch1), pb_grpc.ResidueServiceStub(ch2)
+        assert await ingest(one, msgs) == await ingest(many, batches)
+        for r in requests[:3]:
+            rid = r[0].start.request_id
+            a = await one.GetResidue(pb.GetResidueRequest(request_id=rid))
+            b = await many.GetResidue(pb.GetResidueRequest(request_id=rid))
+            assert a.complete and a.signature == b.signature and a.detector_scores == b.detector_scores
+        later = renamed(requests[3], "after-nested")
+        nested = pb.IngestMessage(batch=pb.IngestBatch(messages=[*later[:2], batches[0]]))
+        err = await rpc_error(ingest(many, [nested]))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "IngestBatch inside an IngestBatch" in (err.details() or "")
+    assert batched.pipeline is not None
+    assert "after-nested" in batched.pipeline.state.open  # its start and first frame were accepted
+
+
 async def test_invalid_starts_and_empty_messages(sidecar: Sidecar, requests: list[Messages]) -> None:
     """Empty messages, a foreign transcoder id, and token ids without opt-in are INVALID_ARGUMENT."""
     foreign = copy.deepcopy(requests[0][0])

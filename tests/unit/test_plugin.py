@@ -172,3 +172,24 @@ def test_vllm_command_with_and_without_capture() -> None:
     assert env["VLLM_PLUGINS"] == "residue" and env["RESIDUE_ENABLED"] == "1" and env["RESIDUE_CLT"] == "/clt"
     argv, env = vllm_command("/m", capture=False)
     assert "--worker-extension-cls" not in argv and env["RESIDUE_DISABLE"] == "1"
+
+
+def test_pending_messages_leave_in_batches_bounded_by_count_and_size() -> None:
+    """The stream sends what is pending as IngestBatches of at most SEND_BATCH messages and about a
+    quarter of the message-size limit; a failed send puts a batch back in front, in order."""
+    builder: Any = SimpleNamespace(model="m", clt_id="c")
+    s = FrameSender(builder, "127.0.0.1:1", max_message_bytes=40_000)
+    msgs = [pb.IngestMessage(end=pb.RequestEnd(request_id=f"r{i}")) for i in range(100)]
+    s._pending.extend(msgs)
+    first = s._next_pending()
+    assert [m.end.request_id for m in first] == [f"r{i}" for i in range(sender_mod.SEND_BATCH)]
+    s._requeue(first)
+    assert list(s._pending) == msgs
+    s._pending.clear()
+    big = [pb.IngestMessage(end=pb.RequestEnd(request_id="x" * 3000)) for _ in range(10)]  # ~3 kB each
+    s._pending.extend(big)
+    sizes = []
+    while batch := s._next_pending():
+        sizes.append(len(batch))
+        assert len(batch) == 1 or sum(m.ByteSize() for m in batch) <= 10_000
+    assert sum(sizes) == 10 and max(sizes) == 3
