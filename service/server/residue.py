@@ -33,15 +33,23 @@ def row_of(frame: Frame, n_layers: int) -> RowSignature:
     """One frame as a signature row over ``n_layers`` layers."""
     counts = frame.feature_offsets[1:] - frame.feature_offsets[:-1]  # (L_f,)
     k = max(int(counts.max()) if counts.size else 0, 1)
-    ids = np.zeros((n_layers, k), dtype=np.int32)
-    vals = np.zeros((n_layers, k), dtype=np.float32)
-    stats = np.full((n_layers, len(LAYER_STAT_NAMES)), np.nan, dtype=np.float32)
-    # Scatter the ragged per-layer features into the padded (L, k) arrays in one indexing step.
-    rows = np.repeat(frame.layers, counts)  # (N,) layer of each feature
-    cols = np.arange(frame.feature_ids.shape[0]) - np.repeat(frame.feature_offsets[:-1], counts)  # slot
-    ids[rows, cols] = frame.feature_ids
-    vals[rows, cols] = frame.feature_values
-    stats[frame.layers] = frame.layer_stats
+    n_ids = frame.feature_ids.shape[0]
+    if frame.layers.shape[0] == n_layers and n_ids == n_layers * k:
+        # Every layer, each with k features (what the plugin sends; layer ids are validated strictly
+        # increasing and below n_layers, so they are 0..n_layers-1): the arrays are already (L, k).
+        ids = frame.feature_ids.reshape(n_layers, k)
+        vals = frame.feature_values.reshape(n_layers, k)
+        stats = frame.layer_stats.astype(np.float32)
+    else:
+        ids = np.zeros((n_layers, k), dtype=np.int32)
+        vals = np.zeros((n_layers, k), dtype=np.float32)
+        stats = np.full((n_layers, len(LAYER_STAT_NAMES)), np.nan, dtype=np.float32)
+        # Scatter the ragged per-layer features into the padded (L, k) arrays in one indexing step.
+        rows = np.repeat(frame.layers, counts)  # (N,) layer of each feature
+        cols = np.arange(n_ids) - np.repeat(frame.feature_offsets[:-1], counts)  # slot
+        ids[rows, cols] = frame.feature_ids
+        vals[rows, cols] = frame.feature_values
+        stats[frame.layers] = frame.layer_stats
     heads = np.zeros((n_layers, 0, len(HEAD_STAT_NAMES)), dtype=np.float32)
     h = frame.head_stats
     if len(h):

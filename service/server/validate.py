@@ -34,6 +34,9 @@ PHASE_OF: dict[int, Phase] = {
 }
 MAX_NAME_LEN = 256
 _EMPTY_HEADS = np.zeros((0, 9))
+_MALFORMED = R.REJECT_REASON_MALFORMED  # the enum wrapper's attribute lookup is slow on the hot path
+_ALL_LAYERS = [np.arange(n, dtype="<i4").tobytes() for n in range(257)]
+"""Packed layer ids 0..n-1 (every layer, in order: what the plugin sends) for n up to 256 layers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +165,7 @@ def check_frame(f: pb.ResidueFrame, limits: FrameLimits) -> Frame:
     rid = _request_id(f.request_id, "ResidueFrame")
     where = f"frame {f.sequence} of request {rid!r}"
 
-    def bad(detail: str, reason: pb.RejectReason = R.REJECT_REASON_MALFORMED) -> Rejected:
+    def bad(detail: str, reason: pb.RejectReason = _MALFORMED) -> Rejected:
         return Rejected(reason, f"{where}: {detail}")
 
     phase = PHASE_OF.get(f.phase)
@@ -198,7 +201,9 @@ def check_frame(f: pb.ResidueFrame, limits: FrameLimits) -> Frame:
             "(RESIDUE_MAX_FEATURES_PER_LAYER)",
             R.REJECT_REASON_TOO_LARGE,
         )
-    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # (L + 1,)
+    offsets = np.empty(len(counts) + 1, dtype=np.int64)  # (L + 1,)
+    offsets[0] = 0
+    np.cumsum(counts, out=offsets[1:])
     if ids.size:
         top = limits.n_features
         if int(ids.min()) < 0 or (top is not None and int(ids.max()) >= top):
@@ -207,14 +212,16 @@ def check_frame(f: pb.ResidueFrame, limits: FrameLimits) -> Frame:
             layer = layer_ids[int(np.searchsorted(offsets, k, side="right")) - 1]
             allowed = ">= 0" if top is None else f"in 0..{top - 1} (the transcoder's n_features)"
             raise bad(f"layer {layer} feature id {ids[k]} is out of range: ids must be {allowed}")
-        if not math.isfinite(float(vals.sum(dtype=np.float64))) and not np.isfinite(vals).all():
+        # A NaN or inf makes the sum non-finite; so can huge finite values (float32 overflow): then look.
+        if not math.isfinite(float(vals.sum())) and not np.isfinite(vals).all():
             k = int(np.argmax(~np.isfinite(vals)))
             layer = layer_ids[int(np.searchsorted(offsets, k, side="right")) - 1]
             raise bad(f"layer {layer} feature value {vals[k]} is not finite")
     logits = None
     if f.HasField("logits"):
         lg = (f.logits.entropy, f.logits.top1_prob, f.logits.margin, f.logits.eos_prob)
-        if not all(map(math.isfinite, lg)) or lg[0] < 0 or not all(0.0 <= p <= 1.0 for p in lg[1:]):
+        ent, top1, margin, eos = lg  # NaN fails every comparison below; inf fails the ones that bound it
+        if not (0.0 <= ent < math.inf and 0.0 <= top1 <= 1.0 and 0.0 <= margin <= 1.0 and 0.0 <= eos <= 1.0):
             raise bad(f"logits {lg} invalid: entropy must be finite >= 0, probabilities in [0, 1]")
         logits = (float(lg[0]), float(lg[1]), float(lg[2]), float(lg[3]))
     for a in (layers, stats, offsets, ids, vals, heads):
@@ -283,7 +290,9 @@ def _unpack(
         raise bad("packed.layer_ids is empty: a frame carries every transcoder layer")
     if n > limits.n_layers:
         raise bad(f"{n} layers; the transcoder has {limits.n_layers}", R.REJECT_REASON_TOO_LARGE)
-    if int(layers[0]) < 0 or (n > 1 and bool((layers[1:] <= layers[:-1]).any())):
+    if (n >= len(_ALL_LAYERS) or p.layer_ids != _ALL_LAYERS[n]) and (
+        int(layers[0]) < 0 or (n > 1 and bool((layers[1:] <= layers[:-1]).any()))
+    ):
         raise bad(f"packed.layer_ids {layers.tolist()} must be >= 0 and strictly increasing")
     counts = _array(p.feature_counts, "<i4", 1, "feature_counts", bad).astype(np.int64)
     stats = _array(p.layer_stats, "<f4", len(LAYER_STAT_NAMES), "layer_stats", bad).astype(np.float64)
