@@ -34,6 +34,8 @@ PHASE_OF: dict[int, Phase] = {
 }
 MAX_NAME_LEN = 256
 _EMPTY_HEADS = np.zeros((0, 9))
+_EMPTY_HEADS.flags.writeable = False  # shared by every frame without heads
+_ITEMSIZE = {"<i4": 4, "<f4": 4}
 _MALFORMED = R.REJECT_REASON_MALFORMED  # the enum wrapper's attribute lookup is slow on the hot path
 _ALL_LAYERS = [np.arange(n, dtype="<i4").tobytes() for n in range(257)]
 """Packed layer ids 0..n-1 (every layer, in order: what the plugin sends) for n up to 256 layers."""
@@ -273,7 +275,7 @@ def _read_layers(f: pb.ResidueFrame, limits: FrameLimits, bad: Callable[..., Rej
 
 
 def _array(data: bytes, dtype: str, width: int, name: str, bad: Callable[..., Rejected]) -> np.ndarray:
-    size = np.dtype(dtype).itemsize * width
+    size = _ITEMSIZE[dtype] * width
     if len(data) % size:
         raise bad(f"packed.{name} has {len(data)} bytes, not a multiple of {size} ({width} × {dtype})")
     a = np.frombuffer(data, dtype=dtype)
@@ -308,7 +310,7 @@ def _unpack(
     if ids.shape[0] != total or vals.shape[0] != total:
         n_i, n_v = ids.shape[0], vals.shape[0]
         raise bad(f"packed: feature_counts sum to {total} but there are {n_i} ids and {n_v} values")
-    heads = _EMPTY_HEADS.copy()
+    heads = _EMPTY_HEADS
     if p.head_stats:
         heads = _array(p.head_stats, "<f4", 9, "head_stats", bad).astype(np.float64)
         if heads.shape[0] > limits.max_heads:
@@ -323,7 +325,7 @@ def _unpack(
 def _check_heads(f: pb.ResidueFrame, limits: FrameLimits, bad: Callable[..., Rejected]) -> np.ndarray:
     """(H, 9) head statistics (see ``Frame.head_stats``), checked."""
     if not f.heads:
-        return _EMPTY_HEADS.copy()
+        return _EMPTY_HEADS
     if len(f.heads) > limits.max_heads:
         raise bad(
             f"{len(f.heads)} head entries; at most {limits.max_heads} (RESIDUE_MAX_HEADS)",
