@@ -255,6 +255,18 @@ def fitted() -> Fingerprint:
     )
 
 
+def test_one_signature_score_equals_the_batch_scorer(fitted: Fingerprint) -> None:
+    """``score`` (the sidecar's one-row path) equals ``score_inputs`` (fitting and evaluation), NaN inputs
+    included (a signature without a FINAL row has NaN final statistics)."""
+    sigs = family(8, 12, clt_id=CLT_ID)
+    sigs.append(replace(sigs[0], rows=sigs[0].rows[:1]))  # no FINAL row
+    assert np.isnan(fitted.inputs(sigs[-1])).any()
+    for sig in sigs:
+        assert fitted.score(sig) == pytest.approx(
+            float(fitted.score_inputs(fitted.inputs(sig)[None, :])[0]), abs=1e-12
+        )
+
+
 def test_fingerprint_dict_round_trip_keeps_its_scores(fitted: Fingerprint) -> None:
     """to_dict → JSON → from_dict gives a fingerprint that scores a signature identically."""
     back = Fingerprint.from_dict(json.loads(json.dumps(fitted.to_dict())))
