@@ -66,7 +66,8 @@ async def write_records(
     ttl_ms: int,
     refreshed: dict[str, float] | None = None,
 ) -> None:
-    """SET each record with PX and update its indexes; one MULTI per tenant (one slot each).
+    """SET each record with PX and update its indexes (one ZADD per index for the whole batch); one MULTI
+    per tenant (one slot each).
 
     Every index a record touches gets a TTL of ``ttl_ms`` + ``INDEX_TTL_SLACK_S``, so an index nobody
     writes to any more vanishes after its records. ``refreshed`` (index key → monotonic time of its last
@@ -78,23 +79,26 @@ async def write_records(
         pipe = client.pipeline(transaction=True)
         expiry = time.time() + ttl_ms / 1000
         k_time, k_exp, k_flagged = (key(tenant, "idx", name) for name in ("time", "exp", "flagged"))
-        touched = {k_time, k_exp, k_flagged}
+        # Each index gets one ZADD (and the flagged index one ZREM) for the whole group: a member's last
+        # write wins, exactly as when every record's commands ran one after another.
+        index: dict[str, dict[str, float | None]] = {k_time: {}, k_exp: {}, k_flagged: {}}
         for w in group:
             pipe.set(key(tenant, "req", w.request_id), w.data, px=ttl_ms)
-            pipe.zadd(k_time, {w.request_id: w.t})
-            pipe.zadd(k_exp, {w.request_id: expiry})
-            if w.flagged:
-                pipe.zadd(k_flagged, {w.request_id: w.t})
-            else:
-                pipe.zrem(k_flagged, w.request_id)
+            index[k_time][w.request_id] = w.t
+            index[k_exp][w.request_id] = expiry
+            index[k_flagged][w.request_id] = w.t if w.flagged else None  # None: ZREM
             if w.model:
-                touched.add(key(tenant, "idx", "model", w.model))
-                pipe.zadd(key(tenant, "idx", "model", w.model), {w.request_id: w.t})
+                index.setdefault(key(tenant, "idx", "model", w.model), {})[w.request_id] = w.t
             for fp, score in w.scores:
-                touched.add(key(tenant, "idx", "fp", fp))
-                pipe.zadd(key(tenant, "idx", "fp", fp), {w.request_id: score})
+                index.setdefault(key(tenant, "idx", "fp", fp), {})[w.request_id] = score
+        for k, members in index.items():
+            add = {m: v for m, v in members.items() if v is not None}
+            if add:
+                pipe.zadd(k, add)
+            if len(add) < len(members):
+                pipe.zrem(k, *(m for m, v in members.items() if v is None))
         last = refreshed or {}
-        due = sorted(k for k in touched if now - last.get(k, -INDEX_TTL_SLACK_S) >= INDEX_TTL_SLACK_S)
+        due = sorted(k for k in index if now - last.get(k, -INDEX_TTL_SLACK_S) >= INDEX_TTL_SLACK_S)
         for k in due:
             pipe.pexpire(k, index_ttl_ms)
         await pipe.execute()

@@ -481,5 +481,16 @@ async def test_redis_group_commit_writes_concurrent_puts_together(redis_server: 
                 assert client.pttl(f"residue:{{-}}:idx:{index}") > record_ttl
         page, _ = await store.query(RecordFilter(fingerprint="fp-a", min_score=0.5), page_size=500)
         assert len(page) == 100
+        # One record rewritten within a group (a provisional record, then the final one): the last wins.
+        await asyncio.gather(
+            store.put_record(rec("twice", fps={"fp-a": 0.9}, flags=("fp-a",))),
+            store.put_record(rec("twice", fps={"fp-a": 0.1})),
+        )
+        assert not (await store.get_record("twice")).flags
+        assert [r.request_id for r in (await store.query(RecordFilter(flagged_only=True), 500))[0]].count(
+            "twice"
+        ) == 0
+        page, _ = await store.query(RecordFilter(fingerprint="fp-a", min_score=0.5), page_size=500)
+        assert "twice" not in {r.request_id for r in page}
     finally:
         await store.close()
