@@ -52,7 +52,8 @@ class DiscardSink(pb_grpc.ResidueServiceServicer):
 
     def Ingest(self, request_iterator: Iterator[pb.IngestMessage], context: Any) -> pb.IngestSummary:
         for m in request_iterator:
-            self.frames += m.WhichOneof("kind") == "frame"
+            inner = m.batch.messages if m.WhichOneof("kind") == "batch" else [m]
+            self.frames += sum(x.WhichOneof("kind") == "frame" for x in inner)
         return pb.IngestSummary()
 
 

@@ -63,7 +63,8 @@ def request_of(m: pb.IngestMessage) -> str:
 
 
 class IngestSink(pb_grpc.ResidueServiceServicer):
-    """A stand-in sidecar: records every IngestMessage of every stream, in arrival order."""
+    """A stand-in sidecar: records every IngestMessage of every stream, in arrival order (a batch's
+    messages one by one)."""
 
     def __init__(self) -> None:
         self.messages: list[pb.IngestMessage] = []
@@ -77,9 +78,11 @@ class IngestSink(pb_grpc.ResidueServiceServicer):
 
     def Ingest(self, request_iterator: Iterator[pb.IngestMessage], context: Any) -> pb.IngestSummary:
         for m in request_iterator:
+            inner = list(m.batch.messages) if m.WhichOneof("kind") == "batch" else [m]  # as the sidecar does
+            now = time.time()
             with self.lock:
-                self.messages.append(m)
-                self.arrived.append(time.time())
+                self.messages += inner
+                self.arrived += [now] * len(inner)
         return pb.IngestSummary()
 
     def of(self, request_id: str) -> list[pb.IngestMessage]:
