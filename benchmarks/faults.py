@@ -1,6 +1,6 @@
 """Faults and a soak with the real processes → benchmarks/results/faults.json and soak.json (issue 10).
 
-    python -m benchmarks.faults [--soak-seconds 600] [--fault-seconds 6]
+    python -m benchmarks.faults [--soak-seconds 600] [--fault-seconds 6] [--soak-only] [--soak-baseline]
 
 vLLM with the plugin (tiny model, fp32), ``residue serve`` and a persistent ``redis-server`` (append-only
 file, as deploy/ configures it), as separate processes. The four faults of
@@ -15,7 +15,9 @@ stall (the plugin drops by design, counted in ``residue_frames_dropped_total``):
 
 The soak then sends batches of concurrent requests for ``--soak-seconds`` as fast as vLLM answers them,
 samples the resident memory of the sidecar and of vLLM's processes (the plugin lives in the engine core)
-every few seconds, and checks that every request has a complete record afterwards.
+every few seconds, and checks that every request has a complete record afterwards. ``--soak-baseline``
+first soaks a vLLM without the plugin for as long, under the same load: vLLM's memory grows by itself
+(allocator, caches), and only the difference is the plugin's.
 
 The process helpers are the integration tests' (``tests/integration``); run from the repository root.
 """
@@ -56,7 +58,9 @@ QUEUE = 256
 class Stack:
     """The three processes, the prompts and their unmonitored greedy outputs."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, capture: bool = True) -> None:
+        self.capture = capture
+        """Whether vLLM runs with the plugin (False: the baseline soak, no monitor)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server is not on PATH (Debian package redis-server)")
@@ -80,6 +84,7 @@ class Stack:
             port=port,
             clt=str(clt),
             target=self.sidecar.target,
+            capture=capture,
             dtype="float32",
             max_model_len=512,
             settings={"RESIDUE_QUEUE_SIZE": str(QUEUE)},
@@ -236,6 +241,7 @@ def _rss_mib(pids: list[int]) -> float:
 
 
 def soak(stack: Stack, seconds: float) -> dict[str, Any]:
+    """Load for ``seconds``; memory samples, and (with the plugin) the records checked afterwards."""
     assert stack.vllm.proc is not None and stack.sidecar.proc is not None
     samples: list[tuple[float, float, float]] = []
     t0 = time.monotonic()
@@ -246,10 +252,13 @@ def soak(stack: Stack, seconds: float) -> dict[str, Any]:
             )
             time.sleep(5)
     elapsed = time.monotonic() - t0
-    stack.drained()
     ok = [r for r in load.results if not r[3]]
-    time.sleep(5.0)  # the last ends settle
-    lost_n = len(ok) - stack.complete_now([r[0] for r in ok])
+    lost_n, dropped = None, None
+    if stack.capture:
+        stack.drained()
+        time.sleep(5.0)  # the last ends settle
+        lost_n = len(ok) - stack.complete_now([r[0] for r in ok])
+        dropped = get(stack.vllm.url + "/residue/status")["workers"][0]["sender"]["dropped_queue_full"]
     third = max(1, len(samples) // 3)
 
     def growth(i: int) -> float:  # mean of the last third minus mean of the first third, MiB
@@ -276,9 +285,7 @@ def soak(stack: Stack, seconds: float) -> dict[str, Any]:
             "last": round(samples[-1][2], 1),
             "growth_last_vs_first_third": round(growth(2), 1),
         },
-        "plugin_dropped_queue_full": get(stack.vllm.url + "/residue/status")["workers"][0]["sender"][
-            "dropped_queue_full"
-        ],
+        "plugin_dropped_queue_full": dropped,
         "concurrency": N_PROMPTS,
         "max_tokens": MAX_TOKENS,
     }
@@ -288,60 +295,87 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--fault-seconds", type=float, default=6.0)
     ap.add_argument("--soak-seconds", type=float, default=600.0)
+    ap.add_argument("--soak-only", action="store_true", help="skip the faults (faults.json is left as is)")
+    ap.add_argument(
+        "--soak-baseline",
+        action="store_true",
+        help="first soak vLLM without the plugin for as long (its memory growth is vLLM's own)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    baseline = None
+    if args.soak_baseline and args.soak_seconds > 0:
+        home = Path(tempfile.mkdtemp(prefix="residue-soak-off-"))
+        stack = Stack(home, capture=False)
+        try:
+            baseline = soak(stack, args.soak_seconds)
+            print("baseline (no plugin):", baseline)
+        finally:
+            stack.stop()
+            shutil.rmtree(home, ignore_errors=True)
     home = Path(tempfile.mkdtemp(prefix="residue-faults-"))
     stack = Stack(home)
     try:
-        faults = [
-            _fault(
-                stack,
-                "sidecar_killed_and_restarted",
-                lambda: (stack.sidecar.kill(), time.sleep(2.0), stack.sidecar.start(timeout_s=600)),
-                args.fault_seconds,
-                drops_by_design=True,
-            ),
-            _fault(
-                stack,
-                "redis_killed_and_restarted",
-                lambda: (stack.redis.stop(), time.sleep(2.0), stack.redis.start()),
-                args.fault_seconds,
-            ),
-            _fault(
-                stack,
-                "sidecar_stalled_until_the_plugin_queue_overflows",
-                lambda: _stall(stack),
-                args.fault_seconds,
-                drops_by_design=True,
-            ),
-            _fault(
-                stack,
-                "vllm_restarted",
-                lambda: (stack.vllm.stop(), stack.vllm.start()),
-                args.fault_seconds,
-                under_load=False,
-            ),
-        ]
-        result = {
-            "faults_run": len(faults),
-            "requests_failed": sum(f["requests_failed"] for f in faults),
-            "outputs_changed": sum(f["outputs_changed"] for f in faults),
-            "records_lost": sum(f["records_lost"] for f in faults),
-            "faults": faults,
-            "machine": machine_info(),
-        }
-        write_json(args.out / "faults.json", result)
-        print(
-            {k: v for k, v in result.items() if k not in ("faults", "machine")}, "→", args.out / "faults.json"
-        )
+        if not args.soak_only:
+            faults(stack, args)
         if args.soak_seconds > 0:
             s = {**soak(stack, args.soak_seconds), "machine": machine_info()}
+            if baseline is not None:
+                s["baseline_without_plugin"] = baseline
+                g_on, g_off = (x["vllm_rss_mib"]["growth_last_vs_first_third"] for x in (s, baseline))
+                s["vllm_rss_growth_due_to_plugin_mib"] = round(g_on - g_off, 1)
+                s["vllm_rss_last_on_minus_off_mib"] = round(
+                    s["vllm_rss_mib"]["last"] - baseline["vllm_rss_mib"]["last"], 1
+                )
             write_json(args.out / "soak.json", s)
             print({k: v for k, v in s.items() if k != "machine"}, "→", args.out / "soak.json")
     finally:
         stack.stop()
         shutil.rmtree(home, ignore_errors=True)
     return 0
+
+
+def faults(stack: Stack, args: argparse.Namespace) -> None:
+    """The four faults → faults.json."""
+    done = [
+        _fault(
+            stack,
+            "sidecar_killed_and_restarted",
+            lambda: (stack.sidecar.kill(), time.sleep(2.0), stack.sidecar.start(timeout_s=600)),
+            args.fault_seconds,
+            drops_by_design=True,
+        ),
+        _fault(
+            stack,
+            "redis_killed_and_restarted",
+            lambda: (stack.redis.stop(), time.sleep(2.0), stack.redis.start()),
+            args.fault_seconds,
+        ),
+        _fault(
+            stack,
+            "sidecar_stalled_until_the_plugin_queue_overflows",
+            lambda: _stall(stack),
+            args.fault_seconds,
+            drops_by_design=True,
+        ),
+        _fault(
+            stack,
+            "vllm_restarted",
+            lambda: (stack.vllm.stop(), stack.vllm.start()),
+            args.fault_seconds,
+            under_load=False,
+        ),
+    ]
+    result = {
+        "faults_run": len(done),
+        "requests_failed": sum(f["requests_failed"] for f in done),
+        "outputs_changed": sum(f["outputs_changed"] for f in done),
+        "records_lost": sum(f["records_lost"] for f in done),
+        "faults": done,
+        "machine": machine_info(),
+    }
+    write_json(args.out / "faults.json", result)
+    print({k: v for k, v in result.items() if k not in ("faults", "machine")}, "→", args.out / "faults.json")
 
 
 if __name__ == "__main__":
