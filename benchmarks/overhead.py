@@ -37,6 +37,7 @@ from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.models import prepare_smollm2
 from residue_monitor.service.plugin.launch import VllmServer, free_port, vllm_command
+from residue_monitor.service.server.validate import unbatched
 from residue_monitor.service.training import ensure_default_clt, machine_info, write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,8 +53,7 @@ class DiscardSink(pb_grpc.ResidueServiceServicer):
 
     def Ingest(self, request_iterator: Iterator[pb.IngestMessage], context: Any) -> pb.IngestSummary:
         for m in request_iterator:
-            inner = m.batch.messages if m.WhichOneof("kind") == "batch" else [m]
-            self.frames += sum(x.WhichOneof("kind") == "frame" for x in inner)
+            self.frames += sum(x.WhichOneof("kind") == "frame" for x in unbatched(m))
         return pb.IngestSummary()
 
 

@@ -39,6 +39,7 @@ from residue_monitor.service.server.flags import FlagHub, watch
 from residue_monitor.service.server.pipeline import IngestPipeline, StreamCounts
 from residue_monitor.service.server.scoring import Registry, Scorer
 from residue_monitor.service.server.trace import TraceService
+from residue_monitor.service.server.validate import unbatched
 from residue_monitor.service.store import MemoryStore, Store
 
 SUMMARY_METADATA_KEY = "residue-ingest-summary-bin"
@@ -79,11 +80,8 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
         counts = StreamCounts()
         try:
             async for msg in request_iterator:
-                if msg.WhichOneof("kind") == "batch":
-                    for inner in msg.batch.messages:  # a nested batch is rejected by handle()
-                        await self._pipeline.handle(inner, counts)
-                else:
-                    await self._pipeline.handle(msg, counts)
+                for inner in unbatched(msg):  # a batch inside it is rejected by handle()
+                    await self._pipeline.handle(inner, counts)
                 if self._draining.is_set():
                     break
         except ResidueError:

@@ -11,7 +11,7 @@ layers / features / heads, and NaN or infinite statistics. Checks are vectorized
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +77,12 @@ def _request_id(request_id: str, what: str) -> str:
             f"{what} request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_LEN}",
         )
     return request_id
+
+
+def unbatched(msg: pb.IngestMessage) -> Sequence[pb.IngestMessage]:
+    """The messages ``msg`` carries: an ``IngestBatch``'s, in order, else ``msg`` itself (how the sidecar,
+    and every stand-in for it, reads a stream message; ``to_event`` rejects a batch inside a batch)."""
+    return msg.batch.messages if msg.WhichOneof("kind") == "batch" else (msg,)
 
 
 def to_event(msg: pb.IngestMessage, limits: FrameLimits) -> Start | Frame | End:

@@ -35,7 +35,7 @@ from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.models import PreparedModel, build_tiny_llama
 from residue_monitor.service.plugin.launch import free_port
 from residue_monitor.service.server.residue import row_of
-from residue_monitor.service.server.validate import FrameLimits, to_event
+from residue_monitor.service.server.validate import FrameLimits, to_event, unbatched
 
 TINY_VLLM = {"d_model": 128, "d_mlp": 256, "n_heads": 4, "n_kv_heads": 2}
 
@@ -78,7 +78,7 @@ class IngestSink(pb_grpc.ResidueServiceServicer):
 
     def Ingest(self, request_iterator: Iterator[pb.IngestMessage], context: Any) -> pb.IngestSummary:
         for m in request_iterator:
-            inner = list(m.batch.messages) if m.WhichOneof("kind") == "batch" else [m]  # as the sidecar does
+            inner = list(unbatched(m))
             now = time.time()
             with self.lock:
                 self.messages += inner
