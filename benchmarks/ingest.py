@@ -132,19 +132,11 @@ def _ingest_client(
 
 
 def _batched(raw: list[bytes]) -> bytes:
-    """Serialized messages as one serialized IngestMessage(batch=…), without parsing them: field 5 of
-    IngestMessage wraps an IngestBatch whose field 1 repeats each message (protobuf's wire format)."""
-    body = b"".join(b"\x0a" + _varint(len(m)) + m for m in raw)
-    return b"\x2a" + _varint(len(body)) + body
+    """Serialized messages as one serialized IngestMessage(batch=…) (built before the clock starts)."""
+    from residue_monitor.service._proto import residue_pb2 as pb
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+    batch = pb.IngestBatch(messages=[pb.IngestMessage.FromString(m) for m in raw])
+    return pb.IngestMessage(batch=batch).SerializeToString()
 
 
 def _renamed(request: list[bytes], rid: str) -> list[bytes]:

@@ -87,8 +87,7 @@ def summarize(frames: Sequence[Frame]) -> Summary:
     key = first.tobytes()
     if all(f.layers.tobytes() == key for f in frames[1:]):
         # Every frame carries the same layers (what the plugin sends): one mean over a stacked array.
-        stacked = frames[0].layer_stats if len(frames) == 1 else np.stack([f.layer_stats for f in frames])
-        m = (stacked if len(frames) == 1 else stacked.mean(axis=0))[:, [ERROR_RATIO, L0, MASS]]  # (L, 3)
+        m = np.stack([f.layer_stats for f in frames]).mean(axis=0)[:, [ERROR_RATIO, L0, MASS]]  # (L, 3)
         e, l0, mass = m.T.tolist()
         return Summary(tuple(map(LayerSummary, first.tolist(), e, l0, mass)), len(frames))
     layers = np.concatenate([f.layers for f in frames])  # (sum L,)
