@@ -27,7 +27,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ DETECTOR_NAMES = ("attention", "errors", "nullout")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+@lru_cache(maxsize=16)  # compact_vector checks its length on every request
 def compact_names(n_layers: int) -> tuple[str, ...]:
     """Names of ``compact_vector``'s entries, in order."""
     names = [f"L{layer}.{s}" for s in PER_LAYER for layer in range(n_layers)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import json
 import math
 import random
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.frames import pack_ids, pack_values, request_messages
 from residue_monitor.service.server import ServerConfig, Sidecar
 from residue_monitor.service.server.servicer import SUMMARY_METADATA_KEY
+from residue_monitor.service.server.sidecar import freeze_heap
 from residue_monitor.service.store import MemoryStore, RedisStore, Store
 from tests.integration.conftest import RedisServer, self_signed
 
@@ -263,6 +266,22 @@ async def test_list_fingerprints_and_trace_off(sidecar: Sidecar) -> None:
         err = await rpc_error(stub.Trace(pb.TraceRequest(prompt="hi", target=pb.TARGET_KIND_EOS)))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "RESIDUE_TRACE_MODEL" in (err.details() or "")
+
+
+async def test_start_freezes_the_startup_heap(sidecar: Sidecar) -> None:
+    """A started sidecar has moved its startup objects out of the collector's way (sidecar.freeze_heap:
+    full collections over them were the GetResidue tail), and freezing collects garbage first."""
+    assert gc.get_freeze_count() > 10_000  # modules, torch, numpy, grpc, the scorers
+
+    class Node:
+        next: object = None
+
+    node = Node()
+    node.next = node  # a cycle: only the collector can free it
+    gone = weakref.ref(node)
+    del node
+    assert freeze_heap() >= 10_000
+    assert gone() is None
 
 
 async def test_health_reflection_and_graceful_drain(
