@@ -57,6 +57,7 @@ from residue_monitor.service.store.factory import store_from_config
 logger = logging.getLogger(__name__)
 
 MIN_PING_INTERVAL_MS = 10_000
+"""Shortest interval between client keepalive pings the sidecar accepts (the plugin pings every 30 s)."""
 
 
 def freeze_heap() -> int:
@@ -68,7 +69,7 @@ def freeze_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
-"""Shortest interval between client keepalive pings the sidecar accepts (the plugin pings every 30 s)."""
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ResidueService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
