@@ -26,6 +26,7 @@ _ENV = {
     "flags_maxlen": "RESIDUE_FLAGS_MAXLEN",
     "backlog_max": "RESIDUE_STORE_BACKLOG",
     "redis_max_connections": "RESIDUE_REDIS_MAX_CONNECTIONS",
+    "redis_max_blocking": "RESIDUE_REDIS_MAX_BLOCKING",
 }
 
 
@@ -44,13 +45,23 @@ class StoreConfig:
     backlog_max: int = 10_000
     """``RESIDUE_STORE_BACKLOG``: records (and, separately, flag events) buffered while Redis is down."""
     redis_max_connections: int = 64
-    """``RESIDUE_REDIS_MAX_CONNECTIONS``: connections to Redis at most; further commands wait for a free one
-    (each blocking WatchFlags tail holds one while it waits)."""
+    """``RESIDUE_REDIS_MAX_CONNECTIONS``: connections to Redis for commands at most; further commands wait
+    for a free one."""
+    redis_max_blocking: int = 16
+    """``RESIDUE_REDIS_MAX_BLOCKING``: connections to Redis for blocking flag reads (WatchFlags tails of
+    other replicas' flags), apart from the command connections so that watchers never starve writes; a
+    watcher that finds them all busy polls instead and sees other replicas' flags up to 1 s later."""
 
     def __post_init__(self) -> None:
         if not self.ttl_s > 0:
             raise InvalidInput(f"{_ENV['ttl_s']} must be a positive number of seconds, got {self.ttl_s}")
-        for name in ("max_records", "flags_maxlen", "backlog_max", "redis_max_connections"):
+        for name in (
+            "max_records",
+            "flags_maxlen",
+            "backlog_max",
+            "redis_max_connections",
+            "redis_max_blocking",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{_ENV[name]} must be an integer >= 1, got {getattr(self, name)}")
 
@@ -83,6 +94,7 @@ def store_from_config(cfg: StoreConfig) -> Store:
             flags_maxlen=cfg.flags_maxlen,
             backlog_max=cfg.backlog_max,
             max_connections=cfg.redis_max_connections,
+            max_blocking=cfg.redis_max_blocking,
         )
     logger.info("residue store: in memory (no REDIS_URL), at most %d records", cfg.max_records)
     return MemoryStore(max_records=cfg.max_records, ttl_s=cfg.ttl_s, flags_maxlen=cfg.flags_maxlen)

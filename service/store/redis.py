@@ -86,19 +86,28 @@ class RedisStore:
         reconnect_interval_s: float = 0.5,
         reconnect_max_s: float = 5.0,
         where: str = "redis",
+        blocking: aioredis.Redis | None = None,
+        max_blocking: int = 16,
     ) -> None:
         """Wrap ``client`` (created with ``decode_responses=False``: records are binary).
 
+        ``blocking``: the client for blocking reads (``flags_since`` with ``block_s``; default ``client``),
+        on a pool of its own so that watchers waiting for flags never hold the connections writes need;
+        at most ``max_blocking`` such reads run at once, and one that finds no slot within its ``block_s``
+        returns no events, as if none had come (the caller's next read gets them: nothing is lost).
         ``backlog_max`` bounds records and flag events buffered during an outage (each);
         the reconnect task retries every ``reconnect_interval_s``, doubling up to ``reconnect_max_s``;
         ``where`` names the server in logs and errors (never with a password).
         """
-        if ttl_s <= 0 or reconnect_interval_s <= 0 or flags_maxlen < 1 or backlog_max < 1:
+        if ttl_s <= 0 or reconnect_interval_s <= 0 or min(flags_maxlen, backlog_max, max_blocking) < 1:
             raise InvalidInput(
-                "ttl_s and reconnect_interval_s must be positive, flags_maxlen and backlog_max at least 1 "
-                f"(got {ttl_s}, {reconnect_interval_s}, {flags_maxlen}, {backlog_max})"
+                "ttl_s and reconnect_interval_s must be positive, flags_maxlen, backlog_max and max_blocking "
+                f"at least 1 (got {ttl_s}, {reconnect_interval_s}, {flags_maxlen}, {backlog_max}, "
+                f"{max_blocking})"
             )
         self._r = client
+        self._blocking = client if blocking is None else blocking
+        self._block_slots = asyncio.Semaphore(max_blocking)
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._flags_maxlen = flags_maxlen
         self._retry_s = reconnect_interval_s
@@ -124,15 +133,17 @@ class RedisStore:
         connect_timeout_s: float = 2.0,
         socket_timeout_s: float = 10.0,
         max_connections: int = 64,
+        max_blocking: int = 16,
         **kwargs: Any,
     ) -> RedisStore:
         """A store for ``redis://[user:password@]host:port/db`` or ``rediss://…`` (TLS).
 
         ``socket_timeout_s`` must exceed ``MAX_BLOCK_S`` so a blocking ``flags_since`` is not cut off;
-        at most ``max_connections`` connections are open, and a command that finds them all busy waits
-        up to ``socket_timeout_s`` for one (redis-py's default pool instead fails it with "Too many
-        connections", which would pass for an outage); ``kwargs`` go to ``__init__``. Nothing is
-        contacted until the first call.
+        at most ``max_connections`` connections are open for commands, and a command that finds them all
+        busy waits up to ``socket_timeout_s`` for one (redis-py's default pool instead fails it with "Too
+        many connections", which would pass for an outage). Blocking flag reads (WatchFlags tails) use
+        ``max_blocking`` further connections of their own (``__init__``); ``kwargs`` go to ``__init__``.
+        Nothing is contacted until the first call.
         """
         scheme = urlsplit(url).scheme
         if scheme not in ("redis", "rediss"):
@@ -141,20 +152,32 @@ class RedisStore:
             )
         if socket_timeout_s <= MAX_BLOCK_S:
             raise InvalidInput(f"socket_timeout_s must exceed {MAX_BLOCK_S} s, got {socket_timeout_s}")
-        if max_connections < 1:
-            raise InvalidInput(f"max_connections must be at least 1, got {max_connections}")
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=socket_timeout_s,
-            decode_responses=False,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=socket_timeout_s,
-            # One quick retry covers a pooled connection that died with a Redis restart; more would only
-            # delay the switch to the backlog (redis-py's default backs off for seconds).
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+        if max_connections < 1 or max_blocking < 1:
+            raise InvalidInput(
+                f"max_connections and max_blocking must be at least 1, got {max_connections}, {max_blocking}"
+            )
+
+        def client(connections: int) -> aioredis.Redis:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=connections,
+                timeout=socket_timeout_s,
+                decode_responses=False,
+                socket_connect_timeout=connect_timeout_s,
+                socket_timeout=socket_timeout_s,
+                # One quick retry covers a pooled connection that died with a Redis restart; more would
+                # only delay the switch to the backlog (redis-py's default backs off for seconds).
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            )
+            return aioredis.Redis.from_pool(pool)
+
+        return cls(
+            client(max_connections),
+            where=redact_url(url),
+            blocking=client(max_blocking),
+            max_blocking=max_blocking,
+            **kwargs,
         )
-        return cls(aioredis.Redis.from_pool(pool), where=redact_url(url), **kwargs)
 
     # ---- records ---------------------------------------------------------------------------------
 
@@ -278,8 +301,16 @@ class RedisStore:
                     return ops.parse_events(entries or [])
             elif block_s <= 0:
                 return []
-            block_ms = max(1, round(block_s * 1000))
-            res = await self._r.xread({k: after_id or "0-0"}, count=limit, block=block_ms)
+            start = time.monotonic()
+            try:  # a slot for a blocking connection: at most max_blocking reads wait at once
+                await asyncio.wait_for(self._block_slots.acquire(), block_s)
+            except TimeoutError:
+                return []  # as if nothing came in block_s; the caller's next read catches up
+            try:
+                block_ms = max(1, round((block_s - (time.monotonic() - start)) * 1000))
+                res = await self._blocking.xread({k: after_id or "0-0"}, count=limit, block=block_ms)
+            finally:
+                self._block_slots.release()
         # RESP2 answers [[key, entries]], RESP3 {key: entries}; None on timeout.
         streams: Iterable[Any] = res.values() if isinstance(res, dict) else (e for _, e in res or [])
         return ops.parse_events(itertools.chain.from_iterable(streams))
@@ -328,6 +359,8 @@ class RedisStore:
                     self._where, records, flags,
                 )  # fmt: skip
         await self._r.aclose()
+        if self._blocking is not self._r:
+            await self._blocking.aclose()
 
     # ---- outage handling ---------------------------------------------------------------------------
 

@@ -451,6 +451,43 @@ async def test_store_from_env() -> None:
         StoreConfig.from_env({"RESIDUE_STORE_TTL_S": "-1"})
     with pytest.raises(InvalidInput, match="RESIDUE_FLAGS_MAXLEN"):
         StoreConfig.from_env({"RESIDUE_FLAGS_MAXLEN": "many"})
+    pools = StoreConfig.from_env({"RESIDUE_REDIS_MAX_CONNECTIONS": "8", "RESIDUE_REDIS_MAX_BLOCKING": "4"})
+    assert (pools.redis_max_connections, pools.redis_max_blocking) == (8, 4)
+    with pytest.raises(InvalidInput, match="RESIDUE_REDIS_MAX_BLOCKING"):
+        StoreConfig.from_env({"RESIDUE_REDIS_MAX_BLOCKING": "0"})
+
+
+@pytest.mark.redis
+async def test_redis_watchers_never_starve_writes(redis_server: RedisServer) -> None:
+    """Blocking flag reads (WatchFlags tails) have connections of their own: with more watchers waiting
+    than the store has command connections, writes and reads still go through at once and the store stays
+    available. Watchers beyond ``max_blocking`` wait for a slot; one that gets none within its block_s
+    returns no events instead of failing, and an event appended meanwhile reaches every watcher."""
+    redis_server.flushall()
+    store = RedisStore.from_url(redis_server.url, max_connections=2, max_blocking=3)
+    try:
+        last = await store.append_flag(flag("before"))
+        watchers = [asyncio.ensure_future(store.flags_since(after_id=last, block_s=3.0)) for _ in range(8)]
+        await asyncio.sleep(0.2)
+        for i in range(20):
+            await store.put_record(rec(f"w{i}"))
+            assert (await store.get_record(f"w{i}")).request_id == f"w{i}"
+        assert not any(w.done() for w in watchers)  # the writes did not wait for the watchers' connections
+        await store.append_flag(flag("during"))
+        got = await asyncio.wait_for(asyncio.gather(*watchers), timeout=5.0)
+        assert [[e.request_id for e in g] for g in got] == [["during"]] * 8
+
+        holders = [
+            asyncio.ensure_future(store.flags_since("other", after_id="$", block_s=2.0)) for _ in range(3)
+        ]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        assert await store.flags_since(after_id="$", block_s=0.3) == []  # no slot within 0.3 s
+        assert 0.25 < time.monotonic() - started < 1.5
+        assert [len(g) for g in await asyncio.gather(*holders)] == [0, 0, 0]
+        assert store.stats().available and store.stats().errors == 0
+    finally:
+        await store.close()
 
 
 @pytest.mark.redis
