@@ -124,6 +124,8 @@ class RedisStore:
         self._group: list[tuple[PendingRecord, asyncio.Future[None]]] = []
         """Records waiting for the next group commit, with the futures their writers wait on."""
         self._committer: asyncio.Task[None] | None = None
+        self._closing = False
+        """Set by ``close``: the reconnect loop stops even if its cancel is swallowed (``flags.watch``)."""
 
     @classmethod
     def from_url(
@@ -344,6 +346,7 @@ class RedisStore:
         if self._committer is not None:
             with contextlib.suppress(Exception):  # its writers were told
                 await self._committer
+        self._closing = True
         if self._reconnector is not None:
             self._reconnector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -392,7 +395,7 @@ class RedisStore:
 
     async def _reconnect_loop(self) -> None:
         delay = self._retry_s
-        while self._backlog:
+        while self._backlog and not self._closing:
             await asyncio.sleep(delay)
             try:
                 await self._flush()

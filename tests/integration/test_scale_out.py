@@ -132,16 +132,9 @@ async def test_flag_raised_on_a_reaches_a_watch_on_b_once(
         assert isinstance(replayed, pb.FlagEvent) and replayed.event_id == got_b[1].event_id
         for call in (on_a, on_b, resumed):
             call.cancel()
-        await until(lambda: a.hub.watchers == 0)
-        if b.hub.watchers:  # known leak, pinned by the xfail test below
-            pytest.xfail("a cancelled WatchFlags on a tailing replica stayed subscribed (known leak)")
+        await until(lambda: a.hub.watchers == 0 and b.hub.watchers == 0)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known leak under investigation: after the client cancels, a WatchFlags on a replica that tails "
-    "the store sometimes stays subscribed (seen in full-suite runs, not alone)",
-)
 async def test_cancelled_watches_on_a_tailing_replica_unsubscribe(
     pair: tuple[Sidecar, Sidecar], requests: list[Messages]
 ) -> None:
