@@ -48,15 +48,20 @@ SPLICE_WINDOWS = 48
 def machine_info() -> dict[str, Any]:
     """Where a measurement ran (recorded in every metrics/benchmark JSON)."""
     cpu = platform.processor() or ""
+    flags: set[str] = set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = dict(
+            (k.strip(), v.strip())
+            for k, _, v in (line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines())
+        )  # the last processor's entries (all alike)
+        cpu = info.get("model name", cpu)
+        flags = set(info.get("flags", "").split())
     except OSError:
         pass
     return {
         "cpu": cpu,
+        # Machines of one model name differ in vector width (AVX-512 or not), and matmul speed with it.
+        "simd": next((f for f in ("avx512f", "avx2", "avx") if f in flags), ""),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
