@@ -305,7 +305,9 @@ class RedisStore:
                 return []
             start = time.monotonic()
             try:  # a slot for a blocking connection: at most max_blocking reads wait at once
-                await asyncio.wait_for(self._block_slots.acquire(), block_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (flags.watch)
+                async with asyncio.timeout(block_s):
+                    await self._block_slots.acquire()
             except TimeoutError:
                 return []  # as if nothing came in block_s; the caller's next read catches up
             try:
