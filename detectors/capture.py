@@ -221,17 +221,25 @@ def attention_probs(acts: Activations) -> torch.Tensor:
 
 
 def probs_from_qk(q: torch.Tensor, k: torch.Tensor, positions: Sequence[int], scale: float) -> torch.Tensor:
-    """Causal attention probabilities: q (L, n, H, d), k (L, H_kv, T_k, d) post-rotary → (L, H, n, T_k).
+    """Causal attention probabilities from post-rotary q and keys → (L, H, n, T_k).
 
-    Grouped-query attention: query head h reads key head ``h // (H / H_kv)``, as in Llama. The live plugin
-    calls this on keys read from vLLM's KV cache, the reference path on keys captured from HF.
+    q (L, n, H, d); k (L, H_kv, T_k, d), keys shared by every row (one sequence), or (L, n, H_kv, T_k, d),
+    each row its own keys (rows of different requests, padded to T_k: keys past a row's position are
+    masked like future ones). Grouped-query attention: query head h reads key head ``h // (H / H_kv)``,
+    as in Llama. The live plugin calls this on keys read from vLLM's KV cache, the reference path on keys
+    captured from HF.
     """
-    H = q.shape[2]
-    H_kv, T_k = k.shape[1], k.shape[2]
-    k = k.float().repeat_interleave(H // H_kv, dim=1)  # (L, H, T_k, d)
-    scores = torch.einsum("lnhd,lhtd->lhnt", q.float(), k) * scale  # (L, H, n, T_k)
-    pos = torch.tensor(list(positions))
-    future = torch.arange(T_k)[None, :] > pos[:, None]  # (n, T_k)
+    L, n, H, d = q.shape
+    kk = k.float()
+    if kk.ndim == 4:
+        kk = kk[:, None]  # (L, 1, H_kv, T_k, d): broadcast over the rows
+    H_kv, T_k = kk.shape[2], kk.shape[3]
+    # Query head h = g·G + j reads key head g: group the queries instead of repeating the keys G times.
+    qg = q.float().reshape(L, n, H_kv, H // H_kv, d)
+    scores = torch.matmul(qg, kk.transpose(-1, -2)) * scale  # (L, n, H_kv, G, T_k)
+    scores = scores.reshape(L, n, H, T_k).transpose(1, 2)  # (L, H, n, T_k)
+    pos = torch.tensor(list(positions), device=scores.device)
+    future = torch.arange(T_k, device=scores.device)[None, :] > pos[:, None]  # (n, T_k)
     scores = scores.masked_fill(future, float("-inf"))
     return torch.softmax(scores, dim=-1)
 

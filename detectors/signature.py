@@ -107,7 +107,7 @@ def logit_stats(logits: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     p = logp.exp()
     top = p.topk(2, dim=-1).values
     ent = -(p * logp).nan_to_num().sum(-1)
-    eos = p[:, eos_id] if eos_id is not None else torch.zeros(p.shape[0])
+    eos = p[:, eos_id] if eos_id is not None else torch.zeros(p.shape[0], device=p.device)
     return torch.stack([ent.clamp_min(0.0), top[:, 0], top[:, 0] - top[:, 1], eos], dim=-1)
 
 
@@ -121,9 +121,9 @@ def head_stats(
     L, H, n, T_k = probs.shape
     p = probs.float()
     ent = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (L, H, n)
-    idx = positions.long()
+    idx = positions.long().to(p.device)
     self_frac = p.gather(-1, idx.view(1, 1, n, 1).expand(L, H, n, 1))[..., 0]
-    keys = torch.arange(T_k)
+    keys = torch.arange(T_k, device=p.device)
     local = ((keys[None, :] < idx[:, None]) & (keys[None, :] >= idx[:, None] - window)).float()  # (n, T_k)
     local_frac = (p * local).sum(-1)
     sink = p[..., 0]
@@ -133,7 +133,8 @@ def head_stats(
     # gets the shorter span 0..pos (its reported length says so).
     causal = (keys[None, :] <= idx[:, None]).float()  # (n, T_k)
     sums = (p * causal).unfold(-1, s, 1).sum(-1)  # (L, H, n, T_k - s + 1)
-    valid = torch.arange(sums.shape[-1])[None, :] <= (idx[:, None] - s + 1).clamp_min(0)  # (n, ·)
+    starts = torch.arange(sums.shape[-1], device=p.device)
+    valid = starts[None, :] <= (idx[:, None] - s + 1).clamp_min(0)  # (n, ·)
     sums = sums.masked_fill(~valid, -1.0)
     mass, start = sums.max(-1)
     span_len = (idx + 1).clamp(max=s).float().view(1, 1, n).expand(L, H, n)  # (L, H, n)
@@ -178,9 +179,9 @@ class SignatureBuilder:
                     torch.zeros(()))
                 for s in range(clt.n_layers)
             ]  # fmt: skip
-            self._dec_unit = [
-                d.float() / d.float().norm(dim=-1, keepdim=True).clamp_min(1e-12) for d in total
-            ]
+            self._dec_unit = torch.stack(
+                [d.float() / d.float().norm(dim=-1, keepdim=True).clamp_min(1e-12) for d in total]
+            )  # (L, F, D): one gather serves every layer (``unreached``)
 
     @classmethod
     def for_model(cls, hf_model: Any, clt: CrossLayerTranscoder, **kw: Any) -> SignatureBuilder:
@@ -203,16 +204,14 @@ class SignatureBuilder:
         """
         u = self.readout[targets]  # (n, D)
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        D = u.shape[-1]
-        out = []
-        for layer in range(ids.shape[0]):
-            d = self._dec_unit[layer][ids[layer]]  # (n, k, D)
-            cos = torch.einsum("nkd,nd->nk", d, u).abs() * math.sqrt(D)
-            v = values[layer].float().clamp_min(0.0)
-            total = v.sum(-1)
-            miss = (v * (cos < REACH_SIGMAS)).sum(-1)
-            out.append(torch.where(total > 0, miss / total.clamp_min(1e-12), torch.zeros_like(total)))
-        return torch.stack(out)
+        L, D = ids.shape[0], u.shape[-1]
+        layer = torch.arange(L, device=ids.device)[:, None, None]
+        d = self._dec_unit[layer, ids]  # (L, n, k, D): every layer in one gather
+        cos = torch.matmul(d, u[None, :, :, None])[..., 0].abs() * math.sqrt(D)  # (L, n, k)
+        v = values.float().clamp_min(0.0)
+        total = v.sum(-1)
+        miss = (v * (cos < REACH_SIGMAS)).sum(-1)
+        return torch.where(total > 0, miss / total.clamp_min(1e-12), torch.zeros_like(total))
 
     @torch.no_grad()
     def build_rows(

@@ -48,6 +48,8 @@ def encode_rows(
             f"mlp_in is {tuple(mlp_in.shape)}; transcoder expects ({clt.n_layers}, n, {clt.cfg.d_model})"
         )
     x = mlp_in.float()
+    if clt.cfg.activation == "topk" and clt.cfg.k is not None and k <= clt.cfg.k and n > 0:
+        return _encode_topk_rows(clt, x, None if mlp_out is None else mlp_out.float(), k)
     acts = [clt.encode(x[i], i) for i in range(L)]  # (n, F) each
     k = min(k, clt.cfg.n_features)
     vals, ids, l0, mass = [], [], [], []
@@ -64,13 +66,60 @@ def encode_rows(
         out_norm = y.norm(dim=-1)
         err = (y - rec).norm(dim=-1) / out_norm.clamp_min(1e-12)
     else:
-        out_norm = torch.full((L, n), float("nan"))
-        err = torch.full((L, n), float("nan"))
+        out_norm = torch.full((L, n), float("nan"), device=x.device)
+        err = torch.full((L, n), float("nan"), device=x.device)
     return RowCodes(
         ids=torch.stack(ids),
         values=torch.stack(vals),
         l0=torch.stack(l0),
         mass=torch.stack(mass),
+        error_ratio=err,
+        in_norm=in_norm,
+        out_norm=out_norm,
+    )
+
+
+def _encode_topk_rows(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor | None, k: int) -> RowCodes:
+    """``encode_rows`` for a TopK transcoder, without dense activations (the live plugin's hot path).
+
+    A TopK code *is* its k strongest pre-activations (ReLU'd), so one ``topk`` per layer gives the ids,
+    values, L0 and mass, and the reconstruction reads only the decoder rows those ids name
+    (``embedding_bag``: Σ value·row, no (n, F) matrix and no pass over the whole decoder). All layers'
+    encoders run as one batched matmul. Same results as the dense path up to float summation order.
+    """
+    L, n, D = x.shape
+    K = clt.cfg.k
+    assert K is not None
+    dt = clt.W_enc.dtype
+    pre = torch.baddbmm(clt.b_enc[:, None, :], x.to(dt), clt.W_enc.transpose(1, 2))  # (L, n, F)
+    top, ids = pre.topk(K, dim=-1)  # (L, n, K), strongest first
+    acts = top.clamp_min(0.0)
+    l0 = (acts > 0).sum(-1)
+    mass = acts.sum(-1, dtype=torch.float32)
+    in_norm = x.norm(dim=-1)
+    if y is not None:
+        rec = clt.b_dec[:, None, :].expand(L, n, D).clone()
+        for i in range(L):
+            w = clt.W_dec[i]  # (F, D) or (F, L - i, D)
+            part = torch.nn.functional.embedding_bag(
+                ids[i], w.reshape(w.shape[0], -1), per_sample_weights=acts[i].to(w.dtype), mode="sum"
+            )  # (n, D) or (n, (L - i)·D)
+            if clt.is_cross_layer:
+                rec[i:] += part.reshape(n, L - i, D).transpose(0, 1)
+            else:
+                rec[i] += part
+        if clt.W_skip is not None:
+            rec += torch.bmm(x.to(clt.W_skip.dtype), clt.W_skip.transpose(1, 2))
+        out_norm = y.norm(dim=-1)
+        err = (y - rec.float()).norm(dim=-1) / out_norm.clamp_min(1e-12)
+    else:
+        out_norm = torch.full((L, n), float("nan"), device=x.device)
+        err = torch.full((L, n), float("nan"), device=x.device)
+    return RowCodes(
+        ids=ids[..., :k],
+        values=acts[..., :k].float(),
+        l0=l0,
+        mass=mass,
         error_ratio=err,
         in_norm=in_norm,
         out_norm=out_norm,

@@ -31,6 +31,30 @@ def test_encode_rows_matches_dense_math(kind: str) -> None:
     assert bool((codes.values[..., :-1] >= codes.values[..., 1:]).all())
 
 
+@pytest.mark.parametrize("kind", ["transcoder_set", "cross_layer_transcoder"])
+@pytest.mark.parametrize("keep", [3, 5])
+def test_topk_fast_path_equals_dense_math(kind: str, keep: int) -> None:
+    """A TopK transcoder is encoded without dense activations (one topk, decoder rows by id); ids, values,
+    L0, mass and error ratio equal the dense encode/reconstruct, also where fewer than k are active."""
+    cfg = CLTConfig(n_layers=3, d_model=16, n_features=40, model_kind=kind, k=5)  # type: ignore[arg-type]
+    clt = random_clt(cfg, seed=4)
+    with torch.no_grad():
+        clt.b_enc[1] -= 3.0  # layer 1: most pre-activations negative, so some rows have L0 < k
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 7, 16, generator=g), torch.randn(3, 7, 16, generator=g)
+    codes = encode_rows(clt, x, y, k=keep)
+    dense = [clt.encode(x[i], i) for i in range(3)]
+    assert bool((codes.l0[1] < 5).any()), "the test needs rows with fewer than k active features"
+    for i in range(3):
+        v, idx = dense[i].topk(keep, dim=-1)
+        torch.testing.assert_close(codes.values[i], v)
+        assert torch.equal(torch.where(v > 0, codes.ids[i], -1), torch.where(v > 0, idx, -1))
+        assert torch.equal(codes.l0[i], (dense[i] > 0).sum(-1))
+        torch.testing.assert_close(codes.mass[i], dense[i].sum(-1))
+    rec = clt.reconstruct(x)
+    torch.testing.assert_close(codes.error_ratio, (y - rec).norm(dim=-1) / y.norm(dim=-1))
+
+
 def test_encode_rows_without_output_has_nan_error() -> None:
     """Without the MLP output the error ratio is NaN (unknown), never a made-up number."""
     clt = random_clt(CLTConfig(n_layers=2, d_model=8, n_features=16, k=4))

@@ -193,3 +193,12 @@ def test_pending_messages_leave_in_batches_bounded_by_count_and_size() -> None:
         sizes.append(len(batch))
         assert len(batch) == 1 or sum(m.ByteSize() for m in batch) <= 10_000
     assert sum(sizes) == 10 and max(sizes) == 3
+
+
+def test_encoders_run_on_the_cores_vllm_reserved() -> None:
+    """The encoder threads avoid the cores vLLM bound its forward pass to; with none reserved, any core."""
+    from residue_monitor.service.plugin.sender import encoder_cpus
+
+    assert encoder_cpus({0}, 2) == {1}
+    assert encoder_cpus({0, 1}, 4) == {2, 3}
+    assert encoder_cpus({0, 1}, 2) == {0, 1}
