@@ -9,8 +9,9 @@ The stack is the real one: vLLM's OpenAI server with the plugin on (default samp
 as a subprocess (in-memory store) with ``RESIDUE_FORECAST`` set, and this process as the gateway
 (``examples/forecast_gateway.py``'s stream reader and sidecar client). Per round, 16 completions start
 at once, each 128 random prompt token ids (distinct, so the prefix cache does not help) and exactly 32
-output tokens (``ignore_eos``), greedy, streamed with running usage counts. Each request's client polls
-``GetResidue`` every ``--poll-ms`` from its first streamed chunk until the forecast score is readable:
+output tokens (``ignore_eos``), greedy, streamed with running usage counts. Each request's client asks
+``GetResidue`` once, with ``wait_ms``, at its first streamed chunk; the sidecar answers when the
+forecast is stored (``--poll-ms`` only paces a re-ask after an answer without a forecast):
 
 * latency = the moment the score was received − ``score.prefill_time`` (the plugin's capture time of the
   last prompt row, i.e. the end of prefill; same host, same clock);

@@ -6,8 +6,9 @@ failure probability (or the reason there is none) while the request is still gen
 is the ``id`` of vLLM's streamed chunks (``cmpl-…`` / ``chatcmpl-…``), so a gateway can
 
 1. stream the completion from vLLM's OpenAI API (``/v1/completions`` or ``/v1/chat/completions``),
-2. read the request id from the first chunk and ask the sidecar for the forecast (polling every
-   ``poll_s`` until ``deadline_s``; chunks are held, not forwarded, meanwhile),
+2. read the request id from the first chunk and ask the sidecar for the forecast, once: ``GetResidue``
+   with ``wait_ms`` (the sidecar answers the moment the forecast is stored, or NOT_FOUND at
+   ``deadline_s``; chunks are held, not forwarded, meanwhile),
 3. pass the stream through, or, when the forecast crosses the threshold, **abort** (close the HTTP
    connection: vLLM aborts the request and stops generating) or **reroute** (hand the request to a
    fallback: a larger model, retrieval, a human).
@@ -63,6 +64,8 @@ ACTIONS: tuple[Action, ...] = ("abort", "reroute", "observe")
 NOT_FOUND_REASON = "the sidecar had no forecast for this request before the deadline (NOT_FOUND)"
 NO_CHUNK_REASON = "the stream ended before its first chunk, so the request id is unknown"
 COMPLETE_NO_FORECAST = "the request's record is complete and carries no prefill forecast"
+MAX_WAIT_MS = 60_000
+"""The longest ``GetResidueRequest.wait_ms`` the sidecar accepts."""
 
 
 class GatewayError(RuntimeError):
@@ -139,7 +142,8 @@ class Policy:
     deadline_s: float = 0.2
     """How long after the first chunk to wait for the forecast before passing the stream through."""
     poll_s: float = 0.002
-    """Interval between GetResidue calls while the sidecar answers NOT_FOUND."""
+    """Pause before asking again when an answer carried no forecast yet (``GetResidue`` waits for the
+    record itself: ``wait_ms``)."""
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -184,15 +188,20 @@ class SidecarForecasts:
 
     def wait(self, request_id: str, deadline_s: float, poll_s: float = 0.002) -> Forecast:
         """The request's forecast, or a ``Forecast`` without probability saying why there is none: still
-        NOT_FOUND at the deadline, the sidecar's ``unavailable_reason``, or a sidecar error."""
+        NOT_FOUND at the deadline, the sidecar's ``unavailable_reason``, or a sidecar error.
+
+        One ``GetResidue`` with ``wait_ms``: the sidecar holds the call until the record is stored (no
+        polling load on the sidecar, no polling delay)."""
         end = time.monotonic() + deadline_s
         req = pb.GetResidueRequest(request_id=request_id, tenant=self.tenant)
         while True:
             left = end - time.monotonic()
             if left <= 0:
                 return Forecast(request_id=request_id, reason=NOT_FOUND_REASON)
+            req.wait_ms = max(1, min(MAX_WAIT_MS, int(left * 1e3)))
             try:
-                rec = self.stub.GetResidue(req, timeout=left, metadata=self.metadata)
+                # A little longer than wait_ms: the sidecar's NOT_FOUND arrives before our own deadline.
+                rec = self.stub.GetResidue(req, timeout=left + 1.0, metadata=self.metadata)
             except grpc.RpcError as e:
                 code = e.code()
                 if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -377,12 +377,14 @@ class ResidueRecord(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., clt_id: _Optional[str] = ..., tenant: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signature: _Optional[_Union[SignatureSummary, _Mapping]] = ..., detector_scores: _Optional[_Mapping[str, float]] = ..., fingerprint_matches: _Optional[_Iterable[_Union[FingerprintMatch, _Mapping]]] = ..., flags: _Optional[_Iterable[str]] = ..., prefill_forecast: _Optional[_Union[PrefillForecast, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., empty_output: _Optional[bool] = ..., complete: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., incomplete_reason: _Optional[str] = ..., prefill_signature: _Optional[_Union[SignatureSummary, _Mapping]] = ..., frames_over_limit: _Optional[int] = ..., frames_duplicate: _Optional[int] = ...) -> None: ...
 
 class GetResidueRequest(_message.Message):
-    __slots__ = ("request_id", "tenant")
+    __slots__ = ("request_id", "tenant", "wait_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant: str
-    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+    wait_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class QueryResiduesRequest(_message.Message):
     __slots__ = ("start_time", "end_time", "model", "fingerprint", "min_score", "flagged_only", "page_size", "page_token", "tenant")

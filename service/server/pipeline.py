@@ -44,6 +44,7 @@ from residue_monitor.service.server.forecasting import Forecaster, ForecastResul
 from residue_monitor.service.server.record import Outcome, score_request
 from residue_monitor.service.server.scoring import Registry, Scorer
 from residue_monitor.service.server.validate import FrameLimits, to_event
+from residue_monitor.service.server.waiters import RecordWaiters
 from residue_monitor.service.store import Store
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,11 @@ class IngestPipeline:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         forecaster: Forecaster | None = None,
+        waiters: RecordWaiters | None = None,
     ) -> None:
         self.state = AssemblerState()
+        self.waiters = waiters if waiters is not None else RecordWaiters()
+        """GetResidue calls waiting for a record: woken when one is stored."""
         self._forecaster = forecaster
         self._forecasts: dict[str, ForecastResult] = {}
         """Prefill forecasts of open requests (made when the PROMPT_LAST frame arrived; bounded by the
@@ -271,6 +275,8 @@ class IngestPipeline:
             await self._store.put_record(provisional_record(start, frame, f))
         except ResidueError as e:
             logger.warning("storing the prefill forecast of request %r failed: %s", rid, e)
+        else:
+            self.waiters.notify(start.tenant, rid)
         if f.flagged:
             ev = forecast_flag(start, f, self._wall())
             try:
@@ -342,6 +348,8 @@ class IngestPipeline:
             await self._store.put_record(record_proto(outcome))
         except ResidueError as e:
             logger.warning("storing the record of request %r failed: %s", rid, e)
+        else:
+            self.waiters.notify(req.start.tenant, rid)
         for ev in flag_protos(outcome, self._wall()):
             try:
                 # Live watchers get the id too, so they can resume with after_event_id.

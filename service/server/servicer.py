@@ -24,7 +24,7 @@ from typing import Any
 
 from grpc import aio
 
-from residue_monitor.detectors.exceptions import ResidueError
+from residue_monitor.detectors.exceptions import InvalidInput, NotFound, ResidueError
 from residue_monitor.service._proto import residue_pb2 as pb
 from residue_monitor.service._proto import residue_pb2_grpc as pb_grpc
 from residue_monitor.service.server.auth import TenantTokens
@@ -40,6 +40,7 @@ from residue_monitor.service.server.pipeline import IngestPipeline, StreamCounts
 from residue_monitor.service.server.scoring import Registry, Scorer
 from residue_monitor.service.server.trace import TraceService
 from residue_monitor.service.server.validate import unbatched
+from residue_monitor.service.server.waiters import MAX_WAIT_MS, RECHECK_S
 from residue_monitor.service.store import MemoryStore, Store
 
 SUMMARY_METADATA_KEY = "residue-ingest-summary-bin"
@@ -93,7 +94,28 @@ class ResidueServicer(pb_grpc.ResidueServiceServicer):
 
     async def GetResidue(self, request: pb.GetResidueRequest, context: Context) -> pb.ResidueRecord:
         self._require(context, request.tenant)
-        return await self._store.get_record(request.request_id, request.tenant)
+        if not request.wait_ms:
+            return await self._store.get_record(request.request_id, request.tenant)
+        if request.wait_ms > MAX_WAIT_MS:
+            raise InvalidInput(f"wait_ms must be at most {MAX_WAIT_MS}, got {request.wait_ms}")
+        loop = asyncio.get_running_loop()
+        wait_s = request.wait_ms / 1e3
+        remaining = context.time_remaining()
+        if remaining is not None:  # answer (NOT_FOUND) a little before the caller's deadline
+            wait_s = min(wait_s, max(0.0, remaining - 0.05))
+        deadline = loop.time() + wait_s
+        with self._pipeline.waiters.watch(request.tenant, request.request_id) as stored:
+            while True:
+                try:
+                    return await self._store.get_record(request.request_id, request.tenant)
+                except NotFound:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, RECHECK_S)):
+                        await stored.wait()
+                stored.clear()
 
     async def QueryResidues(
         self, request: pb.QueryResiduesRequest, context: Context

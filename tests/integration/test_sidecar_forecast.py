@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from grpc import aio
 
@@ -205,3 +206,74 @@ async def test_forecast_artifacts_are_checked_at_start(clt: CrossLayerTranscoder
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(InvalidInput, match=r"bad\.json"):
         await start(clt, None, forecast_path=str(tmp_path / "bad.json"))
+
+
+async def test_a_waiting_get_residue_answers_when_the_forecast_is_stored(
+    clt: CrossLayerTranscoder, requests: list[Messages]
+) -> None:
+    """``wait_ms``: a gateway asks once, before the plugin has sent anything; the answer is the provisional
+    record with the forecast, as soon as it is stored (woken, not found by polling)."""
+    sidecar = await start(clt, Forecaster(random_forecast(clt, threshold=1.0)))
+    try:
+        msgs = stamped(renamed(requests[1], "waited"))
+        head, tail = split_at_prompt(msgs)
+        async with aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
+            stub = pb_grpc.ResidueServiceStub(ch)
+            asked = asyncio.ensure_future(
+                stub.GetResidue(pb.GetResidueRequest(request_id="waited", wait_ms=20_000))
+            )
+            assert sidecar.pipeline is not None
+            await _until(lambda: len(sidecar.pipeline.waiters) == 1)  # pyright: ignore[reportOptionalMemberAccess]
+            assert not asked.done()
+            stream = OpenStream(stub)
+            t0 = time.monotonic()
+            await stream.send(head)
+            rec = await asyncio.wait_for(asked, 5.0)
+            assert time.monotonic() - t0 < 1.0
+            assert rec.incomplete_reason == IN_FLIGHT and rec.prefill_forecast.WhichOneof("result") == "score"
+            assert len(sidecar.pipeline.waiters) == 0  # the waiter is gone with its call
+            await stream.send(tail)
+            await stream.close()
+            # A record that exists is answered at once, waiting or not.
+            final = await stub.GetResidue(
+                pb.GetResidueRequest(request_id="waited", wait_ms=60_000), timeout=5
+            )
+            assert final.complete
+    finally:
+        await sidecar.stop(grace_s=0.5, drain_delay_s=0.0)
+
+
+async def test_a_waiting_get_residue_sees_records_of_other_replicas_and_times_out(
+    clt: CrossLayerTranscoder, requests: list[Messages]
+) -> None:
+    """A record written to the store by someone else (another replica) wakes nobody here: the waiting call
+    finds it by looking again. No record: NOT_FOUND after wait_ms, or before the caller's deadline. Over
+    the limit: INVALID_ARGUMENT."""
+    sidecar = await start(clt, None)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
+            stub = pb_grpc.ResidueServiceStub(ch)
+            t0 = time.monotonic()
+            with pytest.raises(aio.AioRpcError) as nf:
+                await stub.GetResidue(pb.GetResidueRequest(request_id="never", wait_ms=300))
+            assert nf.value.code() == grpc.StatusCode.NOT_FOUND and 0.25 < time.monotonic() - t0 < 3.0
+            t0 = time.monotonic()
+            with pytest.raises(aio.AioRpcError) as early:
+                await stub.GetResidue(pb.GetResidueRequest(request_id="never", wait_ms=60_000), timeout=0.5)
+            assert early.value.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() - t0 < 3.0
+            with pytest.raises(aio.AioRpcError) as big:
+                await stub.GetResidue(pb.GetResidueRequest(request_id="never", wait_ms=60_001))
+            assert big.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "wait_ms" in (
+                big.value.details() or ""
+            )
+
+            asked = asyncio.ensure_future(
+                stub.GetResidue(pb.GetResidueRequest(request_id="elsewhere", wait_ms=20_000))
+            )
+            await _until(lambda: len(sidecar.pipeline.waiters) == 1)  # pyright: ignore[reportOptionalMemberAccess]
+            rec = pb.ResidueRecord(request_id="elsewhere", model="m", complete=True)
+            await sidecar.store.put_record(rec)  # behind the pipeline's back
+            got = await asyncio.wait_for(asked, 5.0)
+            assert got.request_id == "elsewhere" and got.complete
+    finally:
+        await sidecar.stop(grace_s=0.5, drain_delay_s=0.0)
