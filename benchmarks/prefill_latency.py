@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     scored = [s.scored * 1e3 for s in timed if s.scored is not None]
     before = sum(a < b for a, b in zip(lat, second, strict=True))
     load = {"concurrency": CONCURRENCY, "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,
-            "rounds": args.rounds, "poll_ms": args.poll_ms, "model": model.name,
+            "rounds": args.rounds, "poll_ms": args.poll_ms, "ask": "once: GetResidue with wait_ms",
+            "model": model.name,
             "clt_id": clt.clt_id()}  # fmt: skip
     r: dict[str, Any] = {
         "latency_ms_p50": _pct(lat, 0.5),

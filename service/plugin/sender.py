@@ -268,14 +268,16 @@ class FrameSender:
             while end < len(order) and (end - start + 1) * (evs[order[end]].position + 1) <= limit:
                 end += 1
             chunk = [evs[i] for i in order[start:end]]
-            T = chunk[-1].position + 1
             k0 = chunk[0].keys
             assert k0 is not None
-            L, H_kv, _, d = k0.shape
-            keys = torch.zeros(L, len(chunk), H_kv, T, d, device=k0.device)  # (L, m, H_kv, T, d)
-            for r, ev in enumerate(chunk):
-                assert ev.keys is not None and ev.q is not None
-                keys[:, r, :, : ev.keys.shape[2]] = ev.keys
+            if len(chunk) == 1:
+                keys = k0  # (L, H_kv, T, d): no padding, no copy
+            else:
+                L, H_kv, _, d = k0.shape
+                keys = torch.zeros(L, len(chunk), H_kv, chunk[-1].position + 1, d, device=k0.device)
+                for r, ev in enumerate(chunk):  # (L, m, H_kv, T, d), zero past each row's own keys
+                    assert ev.keys is not None
+                    keys[:, r, :, : ev.keys.shape[2]] = ev.keys
             q = torch.stack([ev.q for ev in chunk], dim=1)  # pyright: ignore[reportArgumentType]  # (L, m, H, d)
             pos = [ev.position for ev in chunk]
             probs = probs_from_qk(q, keys, pos, self.attn_scale)  # (L, H, m, T)

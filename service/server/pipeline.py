@@ -105,10 +105,9 @@ class IngestPipeline:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         forecaster: Forecaster | None = None,
-        waiters: RecordWaiters | None = None,
     ) -> None:
         self.state = AssemblerState()
-        self.waiters = waiters if waiters is not None else RecordWaiters()
+        self.waiters = RecordWaiters()
         """GetResidue calls waiting for a record: woken when one is stored."""
         self._forecaster = forecaster
         self._forecasts: dict[str, ForecastResult] = {}
