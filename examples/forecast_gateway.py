@@ -200,8 +200,8 @@ class SidecarForecasts:
                 return Forecast(request_id=request_id, reason=NOT_FOUND_REASON)
             req.wait_ms = max(1, min(MAX_WAIT_MS, int(left * 1e3)))
             try:
-                # A little longer than wait_ms: the sidecar's NOT_FOUND arrives before our own deadline.
-                rec = self.stub.GetResidue(req, timeout=left + 1.0, metadata=self.metadata)
+                # The sidecar answers NOT_FOUND just before this deadline (it waits min(wait_ms, deadline)).
+                rec = self.stub.GetResidue(req, timeout=left, metadata=self.metadata)
             except grpc.RpcError as e:
                 code = e.code()
                 if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -23,7 +23,7 @@ def _rows(device: str, n: int) -> list[RowSignature]:
 
 
 def _t(a: object) -> torch.Tensor:
-    return torch.as_tensor(a)
+    return torch.tensor(a)  # a copy: the rows hold read-only arrays
 
 
 def test_cuda_frames_equal_cpu_frames() -> None:
