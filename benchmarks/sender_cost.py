@@ -89,12 +89,8 @@ def measure(device: str, batches: tuple[int, ...], reps: int) -> dict[str, Any]:
         evs = rows(n, device)
         heads = _median_s(lambda evs=evs: s._heads(evs), reps, device)  # pyright: ignore[reportPrivateUsage]
         total = _median_s(lambda evs=evs: s._messages(evs), reps, device)  # pyright: ignore[reportPrivateUsage]
-        out[str(n)] = {
-            "batch_seconds": total,
-            "ms_per_row": 1e3 * total / n,
-            "heads_ms_per_row": 1e3 * heads / n,
-        }
         per_row, heads_per_row = 1e3 * total / n, 1e3 * heads / n
+        out[str(n)] = {"batch_seconds": total, "ms_per_row": per_row, "heads_ms_per_row": heads_per_row}
         print(f"{device} batch {n:4d}: {per_row:7.2f} ms/row (heads {heads_per_row:.2f})", flush=True)
     return out
 

@@ -87,7 +87,7 @@ def _encode_topk_rows(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tenso
     (``embedding_bag``: Σ value·row, no (n, F) matrix and no pass over the whole decoder). All layers'
     encoders run as one batched matmul. Same results as the dense path up to float summation order.
     """
-    L, n, D = x.shape
+    L, n, _ = x.shape
     K = clt.cfg.k
     assert K is not None
     dt = clt.W_enc.dtype
@@ -98,18 +98,7 @@ def _encode_topk_rows(clt: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tenso
     mass = acts.sum(-1, dtype=torch.float32)
     in_norm = x.norm(dim=-1)
     if y is not None:
-        rec = clt.b_dec[:, None, :].expand(L, n, D).clone()
-        for i in range(L):
-            w = clt.W_dec[i]  # (F, D) or (F, L - i, D)
-            part = torch.nn.functional.embedding_bag(
-                ids[i], w.reshape(w.shape[0], -1), per_sample_weights=acts[i].to(w.dtype), mode="sum"
-            )  # (n, D) or (n, (L - i)·D)
-            if clt.is_cross_layer:
-                rec[i:] += part.reshape(n, L - i, D).transpose(0, 1)
-            else:
-                rec[i] += part
-        if clt.W_skip is not None:
-            rec += torch.bmm(x.to(clt.W_skip.dtype), clt.W_skip.transpose(1, 2))
+        rec = clt.reconstruct_sparse(x, ids, acts)
         out_norm = y.norm(dim=-1)
         err = (y - rec.float()).norm(dim=-1) / out_norm.clamp_min(1e-12)
     else:

@@ -206,6 +206,25 @@ class CrossLayerTranscoder(nn.Module):
             out[i] += self.skip_out(xs[i], i)
         return out
 
+    def reconstruct_sparse(self, xs: torch.Tensor, ids: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        """``reconstruct`` from sparse codes: ids / acts (L, n, k) name each row's active features and
+        their activations (others are 0). Reads only those decoder rows (``embedding_bag``: Σ act·row)
+        and runs every layer's skip as one batched matmul. Returns (L, n, D)."""
+        L, n, D = self.n_layers, xs.shape[1], self.cfg.d_model
+        out = self.b_dec[:, None, :].expand(L, n, D).clone()
+        for i in range(L):
+            w = self.W_dec[i]  # (F, D) or (F, L - i, D)
+            part = torch.nn.functional.embedding_bag(
+                ids[i], w.reshape(w.shape[0], -1), per_sample_weights=acts[i].to(w.dtype), mode="sum"
+            )  # (n, D) or (n, (L - i)·D)
+            if self.is_cross_layer:
+                out[i:] += part.reshape(n, L - i, D).transpose(0, 1)
+            else:
+                out[i] += part
+        if self.W_skip is not None:
+            out += torch.bmm(xs.to(self.W_skip.dtype), self.W_skip.transpose(1, 2))
+        return out
+
 
 def random_clt(cfg: CLTConfig, seed: int = 0, scale: float = 1.0) -> CrossLayerTranscoder:
     """A randomly initialised transcoder (tests and the tiny model): unit-norm decoder rows,
